@@ -37,3 +37,11 @@ def load_error() -> str | None:
 
 def compiled_devices() -> list[str]:
     return sorted(_DEVICES)
+
+
+def build_info() -> dict:
+    """What was compiled: whether the library loaded, for which devices, and with what."""
+    info = {"compiled": _LOADED, "devices": compiled_devices(), "torch": torch.__version__}
+    if _ERROR:
+        info["load_error"] = _ERROR
+    return info
