@@ -1,0 +1,136 @@
+"""What the generic pipeline needs to know about a model family, and nothing more.
+
+An adapter names the decoder blocks, the two linked pairs of projections of each block and the
+attention head geometry, and knows how to rebuild a block whose value head size differs from its
+query/key head size. The pipeline (fasp_ext/pipeline.py) never looks at the model type itself.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+
+def _shrink_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+                   weight: torch.Tensor | None = None) -> nn.Linear:
+    """A new nn.Linear keeping output rows ``rows`` and input columns ``cols`` (or taking ``weight``)."""
+    W = lin.weight.data
+    if weight is None:
+        if rows is not None:
+            W = W.index_select(0, rows.to(W.device))
+        if cols is not None:
+            W = W.index_select(1, cols.to(W.device))
+    else:
+        W = weight
+    bias = lin.bias.data if lin.bias is not None else None
+    if bias is not None and rows is not None:
+        bias = bias.index_select(0, rows.to(bias.device))
+    new = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None, device=W.device, dtype=W.dtype)
+    new.weight.data.copy_(W)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    return new
+
+
+def empty_linear_like(lin: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=lin.bias is not None,
+                     device=lin.weight.device, dtype=lin.weight.dtype)
+
+
+class Adapter:
+    """Base class: subclasses fill in the attribute names and the pruned-value attention forward."""
+
+    #: model_type values (config.model_type) this adapter handles
+    model_types: tuple[str, ...] = ()
+    #: config attribute holding the MLP width
+    mlp_size_key: str = "intermediate_size"
+    #: attribute names inside a block
+    attn_name = "self_attn"
+    v_name = "v_proj"
+    o_name = "o_proj"
+    mlp_in_names: tuple[str, ...] = ()
+    mlp_out_name = ""
+    #: where the MLP's first linear lives relative to the block ("mlp" for LLaMA, "" for OPT)
+    mlp_prefix = "mlp"
+    #: block output = residual + mlp(norm(residual)) (pre-norm): lets the pipeline replace the MLP
+    #: contribution without re-running attention
+    mlp_is_residual_branch = True
+
+    # ---- model level
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def max_context(self, config) -> int | None:
+        return getattr(config, "max_position_embeddings", None)
+
+    def head_geometry(self, config) -> tuple[int, int, int]:
+        """(num query heads, num kv heads, query/key head size)."""
+        n = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or n
+        hd = getattr(config, "head_dim", None) or config.hidden_size // n
+        return n, kv, hd
+
+    def is_pre_norm(self, config) -> bool:
+        return True
+
+    # ---- block level
+    def _mlp_parent(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.mlp_prefix) if self.mlp_prefix else block
+
+    def attention(self, block):
+        return getattr(block, self.attn_name)
+
+    def value_pair(self, block) -> tuple[nn.Linear, nn.Linear]:
+        a = self.attention(block)
+        return getattr(a, self.v_name), getattr(a, self.o_name)
+
+    def set_value_pair(self, block, v: nn.Linear, o: nn.Linear, v_head_dim: int) -> None:
+        a = self.attention(block)
+        setattr(a, self.v_name, v)
+        setattr(a, self.o_name, o)
+        self.set_value_head_dim(a, v_head_dim)
+
+    def mlp_module(self, block) -> nn.Module:
+        """The module whose output is the MLP branch added to the residual."""
+        return getattr(block, self.mlp_prefix) if self.mlp_prefix else block
+
+    def mlp_pair(self, block) -> tuple[list[nn.Linear], nn.Linear]:
+        p = self._mlp_parent(block)
+        return [getattr(p, n) for n in self.mlp_in_names], getattr(p, self.mlp_out_name)
+
+    def set_mlp_pair(self, block, ins: list[nn.Linear], out: nn.Linear) -> None:
+        p = self._mlp_parent(block)
+        for n, lin in zip(self.mlp_in_names, ins):
+            setattr(p, n, lin)
+        setattr(p, self.mlp_out_name, out)
+
+    def mlp_width(self, block) -> int:
+        return self.mlp_pair(block)[1].in_features
+
+    def value_head_dim(self, block, config) -> int:
+        a = self.attention(block)
+        return getattr(a, "v_head_dim", self.head_geometry(config)[2])
+
+    # ---- the pruned-value architecture
+    def set_value_head_dim(self, attn: nn.Module, v_head_dim: int) -> None:
+        """Make ``attn`` run with value heads of size ``v_head_dim`` (query/key heads unchanged)."""
+        attn.v_head_dim = int(v_head_dim)
+        attn.forward = types.MethodType(type(self).value_pruned_forward, attn)
+
+    @staticmethod
+    def value_pruned_forward(attn, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def resize_block(self, block, config, v_head_dim: int, mlp_width: int) -> None:
+        """Replace the projections of ``block`` by empty ones of the given sizes (for reloading)."""
+        n, kv, hd = self.head_geometry(config)
+        v, o = self.value_pair(block)
+        if v_head_dim != v.out_features // kv:
+            self.set_value_pair(block, empty_linear_like(v, v.in_features, kv * v_head_dim),
+                                empty_linear_like(o, n * v_head_dim, o.out_features), v_head_dim)
+        ins, out = self.mlp_pair(block)
+        if mlp_width != out.in_features:
+            self.set_mlp_pair(block, [empty_linear_like(l, l.in_features, mlp_width) for l in ins],
+                              empty_linear_like(out, mlp_width, out.out_features))

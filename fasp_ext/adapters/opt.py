@@ -1,0 +1,47 @@
+"""OPT (OPTForCausalLM): fc1/fc2 MLP, v_proj/out_proj with biases."""
+
+from __future__ import annotations
+
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .base import Adapter
+
+
+class OPTAdapter(Adapter):
+    model_types = ("opt",)
+    mlp_size_key = "ffn_dim"
+    attn_name = "self_attn"
+    v_name, o_name = "v_proj", "out_proj"
+    mlp_prefix = ""
+    mlp_in_names = ("fc1",)
+    mlp_out_name = "fc2"
+    # OPT's MLP is inline in the decoder layer, not a submodule: the pipeline runs the whole block.
+    mlp_is_residual_branch = False
+
+    def blocks(self, model):
+        return model.model.decoder.layers
+
+    def max_context(self, config):
+        return getattr(config, "max_position_embeddings", None)
+
+    def head_geometry(self, config):
+        n = config.num_attention_heads
+        return n, n, config.hidden_size // n
+
+    @staticmethod
+    def value_pruned_forward(self, hidden_states, past_key_values=None, attention_mask=None,
+                             output_attentions=False, **kwargs):
+        """The stock OPT attention forward with value heads of size ``self.v_head_dim``."""
+        from transformers.models.opt.modeling_opt import eager_attention_forward
+
+        bsz, tgt_len, _ = hidden_states.size()
+        q = (self.q_proj(hidden_states) * self.scaling).view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(bsz, -1, self.num_heads, self.v_head_dim).transpose(1, 2)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = interface(self, q, k, v, attention_mask,
+                                 dropout=0.0 if not self.training else self.dropout, scaling=1.0, **kwargs)
+        out = out.reshape(bsz, tgt_len, -1).contiguous()
+        return self.out_proj(out), weights

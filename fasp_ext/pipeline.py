@@ -1,0 +1,409 @@
+"""The generic FASP pipeline: sequential calibration, scoring, selection, restoration, shrinking.
+
+``prune(model, calibration, config)`` works on any model an adapter (fasp_ext/adapters) describes;
+it never asks which family the model is. Per block (DESIGN.md section 1.4):
+
+1. run the block up to the attention output projection, collecting its input statistics;
+2. prune the value channels (v_proj rows + o_proj columns), restoring o_proj by least squares;
+3. run the block with the pruned attention, collecting the MLP down projection's input statistics;
+4. prune the MLP neurons, restoring the down projection;
+5. produce the next block's inputs: where the down projection feeds the residual stream directly
+   (pre-norm blocks) the outputs of step 3 are corrected by the change of the down projection's
+   output, otherwise the block is run once more.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from .adapters import Adapter, adapter_for
+from .adapters.base import _shrink_linear
+from .calibration import BlockInputs, Stats, capture_block_inputs, collect, run_block
+
+log = logging.getLogger("fasp_ext")
+
+METHODS = ("fasp", "wanda-sp", "magnitude", "random")
+
+
+@dataclass
+class PruneConfig:
+    """Settings of one pruning run. ``sparsity`` is the fraction of each structure removed."""
+
+    sparsity: float = 0.2
+    #: per-structure overrides (None: use ``sparsity``)
+    mlp_sparsity: float | None = None
+    attn_sparsity: float | None = None
+    #: prune MLP neurons only (attention untouched)
+    mlp_only: bool = False
+    #: kept MLP width rounded to a multiple of this (tensor-core friendly)
+    mlp_multiple: int = 8
+    #: kept value channels per kv head rounded to a multiple of this
+    attn_multiple: int = 1
+    #: selection method: fasp (score + restore), wanda-sp (score only), magnitude, random
+    method: str = "fasp"
+    #: ridge damping of the restoration, relative to mean(diag H[S, S])
+    damp: float = 0.01
+    #: also fit a bias shift (only where the restored projection has a bias)
+    intercept: bool = False
+    #: solve in float64
+    fp64: bool = False
+    #: statistics for every block from the dense model's activations (no propagation)
+    one_pass: bool = False
+    #: calibration batch size for block forwards
+    batch_size: int = 8
+    #: compute device (None: the model's device)
+    device: str | None = None
+    #: seed for the random method and any sampling
+    seed: int = 0
+    #: keep the W2 inputs in memory to correct block outputs instead of a third pass, up to this many bytes
+    store_budget_bytes: int = 2 << 30
+    #: show a progress bar
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("sparsity", "mlp_sparsity", "attn_sparsity"):
+            v = getattr(self, name)
+            if v is None and name != "sparsity":
+                continue
+            if not isinstance(v, (int, float)) or not (0.0 <= float(v) < 1.0) or math.isnan(float(v)):
+                raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("mlp_multiple", "attn_multiple", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not (self.damp >= 0.0) or math.isinf(self.damp):
+            raise ValueError(f"damp must be a finite number >= 0, got {self.damp!r}")
+
+    @property
+    def mlp_fraction(self) -> float:
+        return self.sparsity if self.mlp_sparsity is None else self.mlp_sparsity
+
+    @property
+    def attn_fraction(self) -> float:
+        if self.mlp_only:
+            return 0.0
+        return self.sparsity if self.attn_sparsity is None else self.attn_sparsity
+
+
+@dataclass
+class PruneReport:
+    method: str
+    sparsity: float
+    params_before: int
+    params_after: int
+    blocks: list[dict] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)
+    calibration_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def kept_count(m: int, fraction: float, multiple: int) -> int:
+    """k = round((1 - fraction) * m), rounded to a multiple, at least one multiple (or m if smaller)."""
+    if fraction <= 0.0:
+        return m
+    k = int(round((1.0 - fraction) * m))
+    if multiple > 1:
+        k = int(round(k / multiple)) * multiple
+    return min(max(k, min(multiple, m), 1), m)
+
+
+def count_params(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: dict[str, float] = defaultdict(float)
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if timer.device.type == "cuda":
+                    torch.cuda.synchronize(timer.device)
+                timer.times[name] += time.perf_counter() - self.t
+
+        return _Ctx()
+
+
+# ----------------------------------------------------------------------------- selection + restore
+def _select(method: str, W: torch.Tensor, stats: Stats, k: int, groups, segments: int,
+            gen: torch.Generator) -> torch.Tensor:
+    """Kept unit indices (ascending) by ``method``; units are columns or rows of ``groups``."""
+    if method in ("fasp", "wanda-sp"):
+        return ops.score_select(W, stats.s, k, groups, segments)
+    if method == "magnitude":  # column L2 norm of W2 (activations ignored)
+        scores = W.float().pow(2).sum(0).sqrt()
+    else:  # random
+        scores = torch.rand(W.shape[1], generator=gen).to(W.device)
+    if groups is not None:
+        scores = scores[groups].sum(1)
+    from .reference import select_top
+
+    return select_top(scores, k, segments)
+
+
+def _restore(W: torch.Tensor, bias: torch.Tensor | None, stats: Stats, kept_cols: torch.Tensor,
+             col_const: torch.Tensor | None, cfg: PruneConfig, restore: bool):
+    """New (W2', bias') for kept columns. ``col_const`` holds per-column constants of the input
+    (removed bias entries of the first map) that are folded into the bias exactly."""
+    m = W.shape[1]
+    removed_mask = torch.ones(m, dtype=torch.bool, device=W.device)
+    removed_mask[kept_cols] = False
+    H, mu, n = stats.H, stats.mu, stats.n
+    new_bias = None if bias is None else bias.detach().float().clone()
+    if col_const is not None and new_bias is not None:
+        c = torch.where(removed_mask, col_const.float(), torch.zeros_like(col_const, dtype=torch.float32))
+        new_bias += W.float() @ c
+        if H is not None:  # statistics of the input with the folded constants taken out
+            H = H - torch.outer(c, mu) - torch.outer(mu, c) + n * torch.outer(c, c)
+        mu = mu - n * c
+    info = {"path": "none", "lam": 0.0}
+    if not restore or H is None:
+        Wn = W[:, kept_cols]
+    elif cfg.intercept and new_bias is not None:
+        Haug = torch.empty(m + 1, m + 1, device=H.device, dtype=H.dtype)
+        Haug[:m, :m] = H
+        Haug[:m, m] = mu
+        Haug[m, :m] = mu
+        Haug[m, m] = float(n)
+        Waug = torch.cat([W.float(), new_bias.unsqueeze(1)], 1)
+        kept_aug = torch.cat([kept_cols, torch.tensor([m], device=kept_cols.device)])
+        out, rep = ops.restore(Waug, Haug, kept_aug, cfg.damp, cfg.fp64)
+        Wn, new_bias = out[:, :-1].to(W.dtype), out[:, -1]
+        info = {"path": rep.path, "lam": rep.lam}
+    else:
+        Wn, rep = ops.restore(W, H, kept_cols, cfg.damp, cfg.fp64)
+        info = {"path": rep.path, "lam": rep.lam}
+    if new_bias is not None:
+        new_bias = new_bias.to(W.dtype)
+    return Wn.contiguous(), new_bias, info
+
+
+def _set_linear(lin: nn.Linear, W: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    new = nn.Linear(W.shape[1], W.shape[0], bias=lin.bias is not None, device=W.device, dtype=lin.weight.dtype)
+    new.weight.data.copy_(W)
+    if lin.bias is not None:
+        new.bias.data.copy_(bias if bias is not None else lin.bias.data)
+    return new
+
+
+def prune_values(adapter: Adapter, block: nn.Module, config, stats: Stats, cfg: PruneConfig,
+                 gen: torch.Generator) -> dict:
+    """Remove value channels of ``block`` (equal count per kv head) and restore the output projection."""
+    v, o = adapter.value_pair(block)
+    n, kv, _ = adapter.head_geometry(config)
+    dv = v.out_features // kv
+    rep = n // kv
+    keep_per_head = kept_count(dv, cfg.attn_fraction, cfg.attn_multiple)
+    if keep_per_head == dv:
+        return {"v_head_dim": dv}
+    dev = o.weight.device
+    # group (g, c) = value channel c of kv head g = o_proj columns (g*rep + r)*dv + c, r < rep
+    g = torch.arange(kv, device=dev).view(kv, 1, 1)
+    c = torch.arange(dv, device=dev).view(1, dv, 1)
+    r = torch.arange(rep, device=dev).view(1, 1, rep)
+    groups = ((g * rep + r) * dv + c).reshape(kv * dv, rep)
+    kept_groups = _select(cfg.method, o.weight, stats, kv * keep_per_head, groups, kv, gen)
+    kept_cols = torch.sort(groups[kept_groups].reshape(-1)).values
+    col_const = None
+    if v.bias is not None:  # o_proj input column (h, c) carries v.bias[g(h)*dv + c] as a constant
+        j = torch.arange(n * dv, device=dev)
+        col_const = v.bias.detach()[(j // dv // rep) * dv + j % dv]
+    Wn, bn, info = _restore(o.weight, o.bias, stats, kept_cols, col_const, cfg, cfg.method == "fasp")
+    adapter.set_value_pair(block, _shrink_linear(v, rows=kept_groups), _set_linear(o, Wn, bn), keep_per_head)
+    return {"v_head_dim": keep_per_head, "attn_solver": info}
+
+
+def prune_mlp(adapter: Adapter, block: nn.Module, stats: Stats, cfg: PruneConfig,
+              gen: torch.Generator) -> tuple[dict, tuple | None]:
+    """Remove MLP neurons and restore the down projection; returns the report and (kept, W_old, b_old, new out)."""
+    ins, out = adapter.mlp_pair(block)
+    m = out.in_features
+    k = kept_count(m, cfg.mlp_fraction, cfg.mlp_multiple)
+    if k == m:
+        return {"mlp_width": m}, None
+    kept = _select(cfg.method, out.weight, stats, k, None, 1, gen)
+    Wn, bn, info = _restore(out.weight, out.bias, stats, kept, None, cfg, cfg.method == "fasp")
+    new_out = _set_linear(out, Wn, bn)
+    adapter.set_mlp_pair(block, [_shrink_linear(l, rows=kept) for l in ins], new_out)
+    return {"mlp_width": k, "mlp_solver": info}, (kept, out, new_out)
+
+
+@torch.no_grad()
+def _correct_outputs(outs: list[torch.Tensor], z_batches: list[torch.Tensor], kept, old: nn.Linear,
+                     new: nn.Linear) -> list[torch.Tensor]:
+    """Block outputs after replacing the down projection: out + new(z[:, kept]) - old(z)."""
+    res = []
+    for o, z in zip(outs, z_batches):
+        delta = new(z.index_select(-1, kept)).float() - old(z).float()
+        res.append((o.float() + delta).to(o.dtype))
+    return res
+
+
+def _as_tokens(calibration) -> torch.Tensor:
+    if isinstance(calibration, dict):
+        calibration = calibration.get("input_ids")
+    if isinstance(calibration, (list, tuple)):
+        calibration = torch.stack([torch.as_tensor(c) for c in calibration])
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype not in (
+            torch.int64, torch.int32):
+        raise ValueError("calibration must be an integer token tensor of shape (nsamples, seqlen)")
+    if calibration.shape[0] < 1 or calibration.shape[1] < 1:
+        raise ValueError(f"calibration is empty: shape {tuple(calibration.shape)}")
+    return calibration.long()
+
+
+def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> PruneReport:
+    """Prune ``model`` in place by FASP on ``calibration`` tokens (nsamples x seqlen); return a report.
+
+    Usable from any toolkit: no CLI, no global state. The model keeps its dtype; one block at a
+    time runs on ``config.device``.
+    """
+    cfg = config or PruneConfig()
+    cfg.validate()
+    adapter = adapter_for(model)
+    tokens = _as_tokens(calibration)
+    mcfg = model.config
+    ctx = adapter.max_context(mcfg)
+    if ctx is not None and tokens.shape[1] > ctx:
+        raise ValueError(f"seqlen {tokens.shape[1]} exceeds the model's context of {ctx} tokens")
+    device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
+    home = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    timer = _Timer(device)
+    t0 = time.perf_counter()
+    report = PruneReport(cfg.method, cfg.sparsity, count_params(model), 0,
+                         calibration_tokens=int(tokens.numel()))
+    was_training = model.training
+    model.eval()
+    blocks = adapter.blocks(model)
+    with timer("capture"):
+        inputs = capture_block_inputs(model, blocks, tokens, cfg.batch_size, device)
+    prune_attn = cfg.attn_fraction > 0
+    prune_mlp_ = cfg.mlp_fraction > 0
+    need_gram = cfg.method == "fasp"
+    z_bytes = tokens.numel() * adapter.mlp_width(blocks[0]) * next(model.parameters()).element_size()
+    can_correct = adapter.mlp_is_residual_branch and z_bytes <= cfg.store_budget_bytes and adapter.is_pre_norm(mcfg)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    it = range(len(blocks))
+    if cfg.progress and tqdm is not None:
+        it = tqdm(it, desc=f"{cfg.method} {cfg.sparsity:.0%}", unit="block")
+    for i in it:
+        block = blocks[i].to(device)
+        info: dict = {"block": i}
+        if cfg.one_pass:
+            info.update(_one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, prune_mlp_,
+                                        need_gram))
+            report.blocks.append(info)
+            blocks[i] = block.to(home)
+            continue
+        if prune_attn:
+            st = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram)
+            h = collect(adapter.value_pair(block)[1], st, stop=True)
+            with timer("forward_attention_stats"):
+                run_block(block, inputs, keep_outputs=False)
+            h.remove()
+            with timer("solve_attention"):
+                info.update(prune_values(adapter, block, mcfg, st, cfg, gen))
+            del st
+        else:
+            info["v_head_dim"] = adapter.value_head_dim(block, mcfg)
+        if prune_mlp_:
+            ins, out = adapter.mlp_pair(block)
+            st = Stats.new(out.in_features, device, need_gram, store=can_correct)
+            h = collect(out, st)
+            with timer("forward_mlp_stats"):
+                outs = run_block(block, inputs, keep_outputs=True)
+            h.remove()
+            with timer("solve_mlp"):
+                rep, change = prune_mlp(adapter, block, st, cfg, gen)
+            info.update(rep)
+            with timer("propagate"):
+                if change is None:
+                    pass
+                elif can_correct:
+                    outs = _correct_outputs(outs, st.store, *change)
+                else:
+                    outs = run_block(block, inputs, keep_outputs=True)
+            del st
+        else:
+            info["mlp_width"] = adapter.mlp_width(block)
+            with timer("propagate"):
+                outs = run_block(block, inputs, keep_outputs=True)
+        inputs = BlockInputs(outs, inputs.kwargs)
+        report.blocks.append(info)
+        blocks[i] = block.to(home)
+    _record_sizes(adapter, model, report)
+    model.train(was_training)
+    report.params_after = count_params(model)
+    report.times = dict(timer.times)
+    report.times["total"] = time.perf_counter() - t0
+    return report
+
+
+def _one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, prune_mlp_, need_gram) -> dict:
+    """Both statistics from one dense forward of the block; the next block sees the dense output."""
+    info: dict = {}
+    hooks, st_o, st_d = [], None, None
+    if prune_attn:
+        st_o = Stats.new(adapter.value_pair(block)[1].in_features, block_device(block), need_gram)
+        hooks.append(collect(adapter.value_pair(block)[1], st_o))
+    if prune_mlp_:
+        st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, block_device(block), need_gram)
+        hooks.append(collect(adapter.mlp_pair(block)[1], st_d))
+    with timer("forward_stats"):
+        outs = run_block(block, inputs, keep_outputs=True)
+    for h in hooks:
+        h.remove()
+    with timer("solve"):
+        if st_o is not None:
+            info.update(prune_values(adapter, block, mcfg, st_o, cfg, gen))
+        if st_d is not None:
+            info.update(prune_mlp(adapter, block, st_d, cfg, gen)[0])
+    inputs.hidden[:] = outs
+    return info
+
+
+def block_device(block: nn.Module) -> torch.device:
+    return next(block.parameters()).device
+
+
+def _record_sizes(adapter: Adapter, model: nn.Module, report: PruneReport) -> None:
+    """Write the per-block sizes into the config so the pruned architecture can be rebuilt."""
+    cfg = model.config
+    blocks = adapter.blocks(model)
+    n, kv, hd = adapter.head_geometry(cfg)
+    v_dims = [adapter.value_head_dim(b, cfg) for b in blocks]
+    widths = [adapter.mlp_width(b) for b in blocks]
+    if len(set(widths)) == 1:
+        setattr(cfg, adapter.mlp_size_key, widths[0])
+    if any(d != hd for d in v_dims) or len(set(widths)) > 1:
+        cfg.fasp_ext = {"version": 1, "v_head_dim": v_dims, "mlp_width": widths}
+    elif hasattr(cfg, "fasp_ext"):
+        del cfg.fasp_ext
