@@ -1,0 +1,204 @@
+"""Command line: ``fasp-ext prune | eval | demo`` (also ``python -m fasp_ext``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("fasp_ext")
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    if not demo:
+        p.add_argument("--model", required=True, help="local model folder, or 'smollm2' for the embedded model")
+        p.add_argument("--calib", required=True,
+                       help="calibration text: .txt file(s)/folder, austen:<book>, jargon, or wikitext2/c4/ptb")
+        p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--sparsity", type=float, default=0.2, help="fraction of each structure removed (default 0.2)")
+    p.add_argument("--mlp-sparsity", type=float, default=None, help="override the MLP sparsity")
+    p.add_argument("--attn-sparsity", type=float, default=None, help="override the value-channel sparsity")
+    p.add_argument("--mlp-only", action="store_true", help="prune MLP neurons only")
+    p.add_argument("--method", default="fasp", help="fasp (default), wanda-sp, magnitude, random")
+    p.add_argument("--damp", type=float, default=None, help="ridge damping of the restoration (default 0.01)")
+    p.add_argument("--intercept", action="store_true", help="also fit a bias shift where the projection has a bias")
+    p.add_argument("--one-pass", action="store_true",
+                   help="statistics from the dense model only (faster, usually less accurate)")
+    p.add_argument("--mlp-multiple", type=int, default=8, help="round kept MLP widths to this multiple")
+    p.add_argument("--attn-multiple", type=int, default=1, help="round kept value head sizes to this multiple")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048 if not demo else 512, help="tokens per window")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", nargs="*", default=None, help="texts to measure perplexity on before and after")
+    p.add_argument("--eval-windows", type=int, default=None, help="evaluate at most this many windows per text")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _config_from(args):
+    from .pipeline import PruneConfig
+
+    cfg = PruneConfig(sparsity=args.sparsity, mlp_sparsity=args.mlp_sparsity, attn_sparsity=args.attn_sparsity,
+                      mlp_only=args.mlp_only, method=args.method, intercept=args.intercept, one_pass=args.one_pass,
+                      mlp_multiple=args.mlp_multiple, attn_multiple=args.attn_multiple,
+                      batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet)
+    if args.damp is not None:
+        cfg.damp = args.damp
+    cfg.validate()
+    return cfg
+
+
+def _check_positive(name: str, v: int) -> None:
+    if v is None or v < 1:
+        raise ValueError(f"--{name} must be >= 1, got {v}")
+
+
+def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> dict:
+    import torch
+
+    from . import data, models
+    from .io import save_pruned
+    from .pipeline import count_params, prune
+
+    cfg = _config_from(args)  # argument errors first, before any heavy work
+    _check_positive("nsamples", args.nsamples)
+    _check_positive("seqlen", args.seqlen)
+    outp = Path(out)
+    if outp.exists() and not args.overwrite:
+        raise FileExistsError(f"--out: {outp} already exists (use --overwrite to replace it)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.device = device
+    t0 = time.perf_counter()
+    model, tok = models.load_model(model_spec, dtype=_dtype(args.dtype), device="cpu")
+    t_load = time.perf_counter() - t0
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and args.seqlen > ctx:
+        raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context of {ctx} tokens")
+    calib_text = data.load_text(calib)
+    tokens = data.calibration_windows(tok, calib_text, args.nsamples, args.seqlen, args.seed)
+    eval_sets = {e: data.eval_windows(tok, data.load_text(e), args.seqlen, args.eval_windows) for e in evals}
+    result = {"model": model_spec, "calib": calib, "device": device, "dtype": args.dtype,
+              "nsamples": args.nsamples, "seqlen": args.seqlen, "load_seconds": t_load}
+    ppl_before = {}
+    for name, win in eval_sets.items():
+        ppl_before[name] = data.perplexity(model.to(device), win, device=device, progress=not args.quiet)
+        model.to("cpu")
+    dense_params = count_params(model)
+    t1 = time.perf_counter()
+    report = prune(model, tokens, cfg)
+    t_prune = time.perf_counter() - t1
+    ppl_after = {}
+    for name, win in eval_sets.items():
+        ppl_after[name] = data.perplexity(model.to(device), win, device=device, progress=not args.quiet)
+        model.to("cpu")
+    result.update(report.to_dict())
+    result.update({"params_before": dense_params, "prune_seconds": t_prune,
+                   "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+                   "eval_windows": {k: int(v.shape[0]) for k, v in eval_sets.items()}})
+    t2 = time.perf_counter()
+    save_pruned(model, outp, tok, result, overwrite=args.overwrite)
+    result["save_seconds"] = time.perf_counter() - t2
+    (outp / "fasp_report.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def print_summary(r: dict) -> None:
+    mb = lambda n: n * 4 / 2**20  # noqa: E731  (fp32 bytes)
+    print(f"\nfasp_ext {r['method']} at {r['sparsity']:.0%} on {r['model']}  (device {r['device']})")
+    print(f"  parameters: {r['params_before']:,} -> {r['params_after']:,} "
+          f"({1 - r['params_after'] / r['params_before']:.1%} fewer; "
+          f"{mb(r['params_before']):.0f} MB -> {mb(r['params_after']):.0f} MB in fp32)")
+    print(f"  pruning time: {r['prune_seconds']:.1f} s on {r['calibration_tokens']:,} calibration tokens")
+    for name in r["perplexity_before"]:
+        b, a = r["perplexity_before"][name], r["perplexity_after"][name]
+        print(f"  perplexity on {name} ({r['eval_windows'][name]} x {r['seqlen']} tokens): "
+              f"{b:.2f} -> {a:.2f}  (x{a / b:.3f})")
+
+
+def cmd_prune(args) -> int:
+    r = run_prune(args, args.model, args.calib, args.out, args.eval or [])
+    print_summary(r)
+    print(f"  saved to {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    evals = args.eval if args.eval is not None else ["austen:prideprejudice", "jargon"]
+    if args.eval_windows is None:
+        args.eval_windows = 64
+    r = run_prune(args, "smollm2", "austen:emma", args.out, evals)
+    print_summary(r)
+    print(f"  saved to {args.out}; reload with fasp_ext.load_pruned({str(args.out)!r})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from . import data, models
+
+    _check_positive("seqlen", args.seqlen)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = models.load_model(args.model, dtype=_dtype(args.dtype), device=device)
+    res = {}
+    for spec in args.data:
+        win = data.eval_windows(tok, data.load_text(spec), args.seqlen, args.eval_windows)
+        res[spec] = data.perplexity(model, win, device=device, progress=not args.quiet)
+        print(f"perplexity on {spec} ({win.shape[0]} x {args.seqlen} tokens): {res[spec]:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fasp-ext", description="Fast structured pruning of LLMs (FASP).")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prune", help="prune a model and save it")
+    _add_prune_args(p)
+    p.set_defaults(func=cmd_prune)
+    d = sub.add_parser("demo", help="prune the embedded SmolLM2-135M at 20%% on Austen text")
+    _add_prune_args(d, demo=True)
+    d.add_argument("--out", default="fasp_demo_out", help="output folder (default fasp_demo_out)")
+    d.set_defaults(func=cmd_demo)
+    e = sub.add_parser("eval", help="perplexity of a (pruned) model on texts")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", nargs="+", required=True)
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--eval-windows", type=int, default=None)
+    e.add_argument("--device", default=None)
+    e.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"fasp-ext: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""End-to-end pipeline on tiny random OPT and LLaMA-GQA models, against exact identities."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fasp_ext.adapters import adapter_for
+from fasp_ext.calibration import Stats, capture_block_inputs, collect, run_block
+from fasp_ext.io import load_pruned, save_pruned
+from fasp_ext.pipeline import PruneConfig, count_params, kept_count, prune
+from tiny_models import random_tokens, tiny_llama, tiny_opt
+
+MAKERS = {"llama-gqa": tiny_llama, "opt": tiny_opt}
+
+
+def logits(model, toks):
+    with torch.no_grad():
+        return model(toks).logits
+
+
+@pytest.fixture(params=list(MAKERS))
+def family(request):
+    return request.param
+
+
+def _cfg(**kw):
+    kw.setdefault("progress", False)
+    return PruneConfig(**kw)
+
+
+def test_sparsity_zero_changes_nothing(family):
+    m = MAKERS[family]()
+    ev = random_tokens(2, 24, seed=7)
+    before = logits(m, ev)
+    rep = prune(m, random_tokens(4, 24), _cfg(sparsity=0.0))
+    assert torch.equal(logits(m, ev), before)
+    assert rep.params_after == rep.params_before
+
+
+def _zeroed_twin(dense, pruned, family):
+    """The dense model with every removed structure zeroed and each restored W2 put in place."""
+    ad = adapter_for(dense)
+    twin = copy.deepcopy(dense)
+    n, kv, hd = ad.head_geometry(dense.config)
+    rep = n // kv
+    for bd, bp, bt in zip(ad.blocks(dense), ad.blocks(pruned), ad.blocks(twin)):
+        # value channels: kept rows of v_proj are those whose weights survive
+        v_d, o_d = ad.value_pair(bd)
+        v_p, o_p = ad.value_pair(bp)
+        v_t, o_t = ad.value_pair(bt)
+        dv = v_p.out_features // kv
+        kept_rows = _match_rows(v_d.weight, v_p.weight)
+        with torch.no_grad():
+            mask = torch.zeros(v_d.out_features, dtype=torch.bool)
+            mask[kept_rows] = True
+            v_t.weight[~mask] = 0  # removed channel: weights zero, bias kept (it is folded)
+            cols = torch.tensor([(h * hd) + (r % hd) for h in range(n) for r in kept_rows
+                                 if r // hd == h // rep])
+            cols = torch.sort(cols).values
+            o_t.weight.zero_()
+            o_t.weight[:, cols] = o_p.weight
+            if o_t.bias is not None:
+                o_t.bias.copy_(o_p.bias)
+        assert dv == len(kept_rows) // kv
+        ins_d, out_d = ad.mlp_pair(bd)
+        ins_p, out_p = ad.mlp_pair(bp)
+        ins_t, out_t = ad.mlp_pair(bt)
+        kept = _match_rows(ins_d[0].weight, ins_p[0].weight)
+        with torch.no_grad():
+            mask = torch.zeros(out_d.in_features, dtype=torch.bool)
+            mask[kept] = True
+            for lt in ins_t:
+                lt.weight[~mask] = 0
+                if lt.bias is not None:
+                    lt.bias[~mask] = 0
+            out_t.weight.zero_()
+            out_t.weight[:, kept] = out_p.weight
+            if out_t.bias is not None:
+                out_t.bias.copy_(out_p.bias)
+    return twin
+
+
+def _match_rows(full: torch.Tensor, sub: torch.Tensor) -> list[int]:
+    idx = []
+    for row in sub:
+        hits = torch.nonzero((full == row).all(1)).flatten()
+        assert hits.numel() >= 1
+        idx.append(int(hits[0]))
+    assert idx == sorted(idx)
+    return idx
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "fasp"])
+def test_pruned_equals_zeroed(family, method):
+    """Removing structures physically equals zeroing them (and placing restored W2) in the dense model."""
+    dense = MAKERS[family]()
+    pruned = copy.deepcopy(dense)
+    prune(pruned, random_tokens(6, 24), _cfg(sparsity=0.3, method=method))
+    twin = _zeroed_twin(dense, pruned, family)
+    ev = random_tokens(3, 24, seed=11)
+    torch.testing.assert_close(logits(pruned, ev), logits(twin, ev), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits(pruned, ev), logits(dense, ev), atol=1e-3)
+
+
+def _proj_error(W_full, H, W_new, kept):
+    """Output error on the calibration data, tr(D H D^T) with D = W - pad(W_new)."""
+    D = W_full.detach().double().clone()
+    D[:, kept] -= W_new.detach().double()
+    return float(torch.einsum("ij,jk,ik->", D, H.double(), D))
+
+
+def test_restoration_lowers_error_every_matrix(family):
+    """For every pruned W2, the restored weights fit the calibration outputs better than selection alone."""
+    from fasp_ext.pipeline import prune_mlp, prune_values
+
+    torch.manual_seed(0)
+    dense = MAKERS[family]()
+    ad = adapter_for(dense)
+    inputs = capture_block_inputs(dense, ad.blocks(dense), random_tokens(8, 32), 4, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    for block in ad.blocks(dense):
+        for part in ("attn", "mlp"):
+            results = {}
+            for method in ("wanda-sp", "fasp"):
+                b = copy.deepcopy(block)
+                W = (ad.value_pair(b)[1] if part == "attn" else ad.mlp_pair(b)[1]).weight.detach().clone()
+                st = Stats.new(W.shape[1], "cpu")
+                h = collect(ad.value_pair(b)[1] if part == "attn" else ad.mlp_pair(b)[1], st)
+                run_block(b, inputs, keep_outputs=False)
+                h.remove()
+                cfg = _cfg(sparsity=0.4, method=method, damp=0.0)
+                if part == "attn":
+                    prune_values(ad, b, dense.config, st, cfg, gen)
+                    Wn = ad.value_pair(b)[1].weight
+                    kept = _match_cols(W, ad.value_pair(b)[1].weight) if method == "wanda-sp" else results["kept"]
+                else:
+                    prune_mlp(ad, b, st, cfg, gen)
+                    Wn = ad.mlp_pair(b)[1].weight
+                    kept = _match_cols(W, Wn) if method == "wanda-sp" else results["kept"]
+                Hc = st.H
+                if part == "attn" and ad.value_pair(block)[0].bias is not None:
+                    # folded v biases: errors compare on inputs without the folded constants
+                    Hc = None
+                results[method] = (_proj_error(W, st.H, Wn, kept) if Hc is not None else None)
+                results["kept"] = kept
+            if results["fasp"] is not None:
+                assert results["fasp"] < results["wanda-sp"] * 0.999, (part, results)
+        inputs.hidden[:] = run_block(block, inputs)
+
+
+def _match_cols(full, sub):
+    return _match_rows(full.t(), sub.t())
+
+
+def test_save_load_identical_logits(family, tmp_path):
+    m = MAKERS[family]()
+    rep = prune(m, random_tokens(4, 24), _cfg(sparsity=0.25))
+    ev = random_tokens(2, 24, seed=3)
+    out = save_pruned(m, tmp_path / "pruned", report=rep.to_dict())
+    m2 = load_pruned(out)
+    assert torch.equal(logits(m2, ev), logits(m, ev))
+    assert count_params(m2) == count_params(m)
+
+
+def test_mlp_only_reloads_with_plain_transformers(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m = MAKERS[family]()
+    prune(m, random_tokens(4, 24), _cfg(sparsity=0.25, mlp_only=True))
+    assert not hasattr(m.config, "fasp_ext")
+    save_pruned(m, tmp_path / "p")
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
+    ev = random_tokens(2, 24, seed=3)
+    assert torch.equal(logits(m2, ev), logits(m, ev))
+
+
+def test_parameter_count_formula(family):
+    m = MAKERS[family]()
+    c = m.config
+    ad = adapter_for(m)
+    n, kv, hd = ad.head_geometry(c)
+    inter = getattr(c, ad.mlp_size_key)
+    before = count_params(m)
+    rep = prune(m, random_tokens(4, 24), _cfg(sparsity=0.3))
+    dv, k = kept_count(hd, 0.3, 1), kept_count(inter, 0.3, 8)
+    H = c.hidden_size
+    n_mlp_in = len(ad.mlp_in_names)
+    bias = 1 if family == "opt" else 0
+    per_block_removed = (
+        kv * (hd - dv) * (H + bias)  # v_proj rows (+ bias)
+        + n * (hd - dv) * H  # o_proj columns
+        + n_mlp_in * (inter - k) * (H + bias)  # fc1 / gate+up rows (+ bias)
+        + (inter - k) * H  # fc2 / down columns
+    )
+    assert rep.params_after == before - c.num_hidden_layers * per_block_removed == count_params(m)
+
+
+def test_reproducible_with_seed(family):
+    outs = []
+    for _ in range(2):
+        m = MAKERS[family]()
+        prune(m, random_tokens(4, 24), _cfg(sparsity=0.3, seed=5))
+        outs.append({k: v.clone() for k, v in m.state_dict().items()})
+    assert outs[0].keys() == outs[1].keys()
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_one_pass_and_methods_run(family):
+    for method in ("fasp", "wanda-sp", "magnitude", "random"):
+        m = MAKERS[family]()
+        rep = prune(m, random_tokens(4, 24), _cfg(sparsity=0.3, method=method, one_pass=method == "fasp"))
+        assert rep.params_after < rep.params_before
+        assert torch.isfinite(logits(m, random_tokens(1, 16))).all()
+
+
+def test_intercept_option(family):
+    m = MAKERS[family]()
+    prune(m, random_tokens(4, 24), _cfg(sparsity=0.3, intercept=True))
+    assert torch.isfinite(logits(m, random_tokens(1, 16))).all()
+
+
+def test_kept_count_rounding():
+    assert kept_count(1536, 0.2, 8) == 1232
+    assert kept_count(64, 0.2, 1) == 51
+    assert kept_count(100, 0.0, 8) == 100
+    assert kept_count(5, 0.9, 8) == 5 or kept_count(5, 0.9, 8) >= 1
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
+def test_bad_sparsity(bad):
+    with pytest.raises(ValueError, match="sparsity"):
+        prune(tiny_llama(), random_tokens(2, 8), _cfg(sparsity=bad))
+
+
+def test_bad_inputs():
+    m = tiny_llama()
+    with pytest.raises(ValueError, match="calibration"):
+        prune(m, torch.zeros(0, 8, dtype=torch.long), _cfg())
+    with pytest.raises(ValueError, match="calibration"):
+        prune(m, "some text", _cfg())
+    with pytest.raises(ValueError, match="seqlen"):
+        prune(m, random_tokens(1, 200), _cfg())
+    with pytest.raises(ValueError, match="method"):
+        prune(m, random_tokens(1, 8), _cfg(method="nope"))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        prune(gpt, random_tokens(1, 8, vocab=50), _cfg())
+
+
+def test_save_refuses_existing_and_leaves_nothing(tmp_path):
+    m = tiny_llama()
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError, match="exists"):
+        save_pruned(m, tmp_path / "exists")
+
+    class Boom(Exception):
+        pass
+
+    def bad_save(*a, **k):
+        raise Boom
+
+    m.save_pretrained = bad_save
+    with pytest.raises(Boom):
+        save_pruned(m, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+
+
+def test_load_pruned_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="path"):
+        load_pruned(tmp_path / "nothing")
+
+
+def test_gqa_groups_move_together():
+    """With GQA every query head of a group loses the same value channels."""
+    m = tiny_llama(kv_heads=2)
+    prune(m, random_tokens(4, 24), _cfg(sparsity=0.25))
+    ad = adapter_for(m)
+    for b in ad.blocks(m):
+        v, o = ad.value_pair(b)
+        n, kv, hd = ad.head_geometry(m.config)
+        assert v.out_features == kv * 12 and o.in_features == n * 12
