@@ -87,26 +87,48 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.
 
 @dataclass
 class Stats:
-    """Statistics of a projection's input: s = sum x^2, H = X^T X, mu = sum x, n = tokens (fp32)."""
+    """Statistics of a projection's input (fp32): s = sum x^2, H = X^T X, mu = sum x, n = tokens.
+
+    With ``val_every`` > 0, every ``val_every``-th calibration sample is also counted separately
+    (H_val, mu_val, n_val) so the restoration's damping can be judged on held-out tokens.
+    """
 
     s: torch.Tensor
     H: torch.Tensor | None
     mu: torch.Tensor
     n: int = 0
-    store: list[torch.Tensor] | None = field(default=None)
+    store: list[torch.Tensor] | None = None
+    val_every: int = 0
+    H_val: torch.Tensor | None = None
+    mu_val: torch.Tensor | None = None
+    n_val: int = 0
+    samples: int = 0
 
     @staticmethod
-    def new(m: int, device, gram: bool = True, store: bool = False) -> "Stats":
-        return Stats(torch.zeros(m, device=device), torch.zeros(m, m, device=device) if gram else None,
-                     torch.zeros(m, device=device), 0, [] if store else None)
+    def new(m: int, device, gram: bool = True, store: bool = False, val_every: int = 0) -> "Stats":
+        z = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
+        val = gram and val_every > 0
+        return Stats(z(m), z(m, m) if gram else None, z(m), 0, [] if store else None, val_every if val else 0,
+                     z(m, m) if val else None, z(m) if val else None)
 
     def add(self, x: torch.Tensor) -> None:
-        x2 = x.reshape(-1, x.shape[-1])
+        m = x.shape[-1]
+        x2 = x.reshape(-1, m)
         ops.accumulate_stats(x2, self.s, self.H)
         self.mu += x2.sum(0, dtype=torch.float32)
         self.n += x2.shape[0]
         if self.store is not None:
             self.store.append(x.detach())
+        b = x.shape[0] if x.dim() > 2 else 1
+        if self.val_every:
+            idx = torch.arange(self.samples, self.samples + b)
+            sel = torch.nonzero(idx % self.val_every == self.val_every - 1).flatten()
+            if sel.numel():
+                xv = (x if x.dim() > 2 else x.unsqueeze(0)).index_select(0, sel.to(x.device)).reshape(-1, m)
+                ops.accumulate_stats(xv, torch.zeros_like(self.s), self.H_val)
+                self.mu_val += xv.sum(0, dtype=torch.float32)
+                self.n_val += xv.shape[0]
+        self.samples += b
 
 
 def collect(module: nn.Module, stats: Stats, stop: bool = False):

@@ -26,6 +26,7 @@ from torch import nn
 from . import ops
 from .adapters import Adapter, adapter_for
 from .adapters.base import _shrink_linear
+from .damping import DEFAULT_GRID, choose_damp
 from .calibration import BlockInputs, Stats, capture_block_inputs, collect, run_block
 
 log = logging.getLogger("fasp_ext")
@@ -49,8 +50,11 @@ class PruneConfig:
     attn_multiple: int = 1
     #: selection method: fasp (score + restore), wanda-sp (score only), magnitude, random
     method: str = "fasp"
-    #: ridge damping of the restoration, relative to mean(diag H[S, S])
-    damp: float = 0.01
+    #: ridge damping of the restoration, relative to mean(diag H[S, S]); "auto" picks it per matrix
+    #: from held-out calibration samples (every ``val_every``-th one) over ``damp_grid``
+    damp: float | str = 0.01
+    val_every: int = 5
+    damp_grid: tuple = DEFAULT_GRID
     #: also fit a bias shift (only where the restored projection has a bias)
     intercept: bool = False
     #: solve in float64
@@ -80,8 +84,11 @@ class PruneConfig:
         for name in ("mlp_multiple", "attn_multiple", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not (self.damp >= 0.0) or math.isinf(self.damp):
-            raise ValueError(f"damp must be a finite number >= 0, got {self.damp!r}")
+        if self.damp != "auto" and (not isinstance(self.damp, (int, float)) or not (self.damp >= 0.0)
+                                    or math.isinf(self.damp)):
+            raise ValueError(f"damp must be 'auto' or a finite number >= 0, got {self.damp!r}")
+        if self.damp == "auto" and int(self.val_every) < 2:
+            raise ValueError(f"val_every must be >= 2 with damp='auto', got {self.val_every!r}")
 
     @property
     def mlp_fraction(self) -> float:
@@ -164,41 +171,57 @@ def _select(method: str, W: torch.Tensor, stats: Stats, k: int, groups, segments
     return select_top(scores, k, segments)
 
 
+def _shift(H, mu, n, c):
+    """Statistics of x - c from those of x: H - c mu^T - mu c^T + n c c^T, mu - n c."""
+    return H - torch.outer(c, mu) - torch.outer(mu, c) + n * torch.outer(c, c), mu - n * c
+
+
+def _augment(H, mu, n):
+    """Statistics of [x, 1]: the Gram of the inputs with a constant column appended."""
+    m = H.shape[0]
+    Ha = torch.empty(m + 1, m + 1, device=H.device, dtype=H.dtype)
+    Ha[:m, :m] = H
+    Ha[:m, m] = mu
+    Ha[m, :m] = mu
+    Ha[m, m] = float(n)
+    return Ha
+
+
 def _restore(W: torch.Tensor, bias: torch.Tensor | None, stats: Stats, kept_cols: torch.Tensor,
              col_const: torch.Tensor | None, cfg: PruneConfig, restore: bool):
     """New (W2', bias') for kept columns. ``col_const`` holds per-column constants of the input
     (removed bias entries of the first map) that are folded into the bias exactly."""
     m = W.shape[1]
-    removed_mask = torch.ones(m, dtype=torch.bool, device=W.device)
-    removed_mask[kept_cols] = False
     H, mu, n = stats.H, stats.mu, stats.n
+    Hv, muv, nv = stats.H_val, stats.mu_val, stats.n_val
     new_bias = None if bias is None else bias.detach().float().clone()
     if col_const is not None and new_bias is not None:
+        removed_mask = torch.ones(m, dtype=torch.bool, device=W.device)
+        removed_mask[kept_cols] = False
         c = torch.where(removed_mask, col_const.float(), torch.zeros_like(col_const, dtype=torch.float32))
         new_bias += W.float() @ c
         if H is not None:  # statistics of the input with the folded constants taken out
-            H = H - torch.outer(c, mu) - torch.outer(mu, c) + n * torch.outer(c, c)
-        mu = mu - n * c
-    info = {"path": "none", "lam": 0.0}
+            H, mu = _shift(H, mu, n, c)
+            if Hv is not None:
+                Hv, muv = _shift(Hv, muv, nv, c)
+    info: dict = {"path": "none", "lam": 0.0}
     if not restore or H is None:
-        Wn = W[:, kept_cols]
-    elif cfg.intercept and new_bias is not None:
-        Haug = torch.empty(m + 1, m + 1, device=H.device, dtype=H.dtype)
-        Haug[:m, :m] = H
-        Haug[:m, m] = mu
-        Haug[m, :m] = mu
-        Haug[m, m] = float(n)
-        Waug = torch.cat([W.float(), new_bias.unsqueeze(1)], 1)
-        kept_aug = torch.cat([kept_cols, torch.tensor([m], device=kept_cols.device)])
-        out, rep = ops.restore(Waug, Haug, kept_aug, cfg.damp, cfg.fp64)
-        Wn, new_bias = out[:, :-1].to(W.dtype), out[:, -1]
-        info = {"path": rep.path, "lam": rep.lam}
-    else:
-        Wn, rep = ops.restore(W, H, kept_cols, cfg.damp, cfg.fp64)
-        info = {"path": rep.path, "lam": rep.lam}
-    if new_bias is not None:
-        new_bias = new_bias.to(W.dtype)
-    return Wn.contiguous(), new_bias, info
+        return W[:, kept_cols].contiguous(), None if new_bias is None else new_bias.to(W.dtype), info
+    Wt, kept_t = W, kept_cols
+    if cfg.intercept and new_bias is not None:
+        H = _augment(H, mu, n)
+        Hv = _augment(Hv, muv, nv) if Hv is not None else None
+        Wt = torch.cat([W.float(), new_bias.unsqueeze(1)], 1)
+        kept_t = torch.cat([kept_cols, torch.tensor([m], device=kept_cols.device)])
+    damp = cfg.damp
+    if damp == "auto":
+        damp, errors = choose_damp(Wt, H - Hv, Hv, kept_t, cfg.damp_grid)
+        info["heldout_error"] = {str(k): v for k, v in errors.items()}
+    out, rep = ops.restore(Wt, H, kept_t, float(damp), cfg.fp64)
+    info.update({"path": rep.path, "lam": rep.lam, "damp": float(damp)})
+    if Wt is not W:
+        out, new_bias = out[:, :-1], out[:, -1]
+    return out.to(W.dtype).contiguous(), None if new_bias is None else new_bias.to(W.dtype), info
 
 
 def _set_linear(lin: nn.Linear, W: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -305,6 +328,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
     prune_attn = cfg.attn_fraction > 0
     prune_mlp_ = cfg.mlp_fraction > 0
     need_gram = cfg.method == "fasp"
+    val_every = int(cfg.val_every) if cfg.damp == "auto" else 0
     z_bytes = tokens.numel() * adapter.mlp_width(blocks[0]) * next(model.parameters()).element_size()
     can_correct = adapter.mlp_is_residual_branch and z_bytes <= cfg.store_budget_bytes and adapter.is_pre_norm(mcfg)
     try:
@@ -319,12 +343,12 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
         info: dict = {"block": i}
         if cfg.one_pass:
             info.update(_one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, prune_mlp_,
-                                        need_gram))
+                                        need_gram, val_every))
             report.blocks.append(info)
             blocks[i] = block.to(home)
             continue
         if prune_attn:
-            st = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram)
+            st = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram, val_every=val_every)
             h = collect(adapter.value_pair(block)[1], st, stop=True)
             with timer("forward_attention_stats"):
                 run_block(block, inputs, keep_outputs=False)
@@ -336,7 +360,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
             info["v_head_dim"] = adapter.value_head_dim(block, mcfg)
         if prune_mlp_:
             ins, out = adapter.mlp_pair(block)
-            st = Stats.new(out.in_features, device, need_gram, store=can_correct)
+            st = Stats.new(out.in_features, device, need_gram, store=can_correct, val_every=val_every)
             h = collect(out, st)
             with timer("forward_mlp_stats"):
                 outs = run_block(block, inputs, keep_outputs=True)
@@ -367,15 +391,18 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
     return report
 
 
-def _one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, prune_mlp_, need_gram) -> dict:
+def _one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, prune_mlp_, need_gram,
+                    val_every) -> dict:
     """Both statistics from one dense forward of the block; the next block sees the dense output."""
     info: dict = {}
     hooks, st_o, st_d = [], None, None
     if prune_attn:
-        st_o = Stats.new(adapter.value_pair(block)[1].in_features, block_device(block), need_gram)
+        st_o = Stats.new(adapter.value_pair(block)[1].in_features, block_device(block), need_gram,
+                         val_every=val_every)
         hooks.append(collect(adapter.value_pair(block)[1], st_o))
     if prune_mlp_:
-        st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, block_device(block), need_gram)
+        st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, block_device(block), need_gram,
+                         val_every=val_every)
         hooks.append(collect(adapter.mlp_pair(block)[1], st_d))
     with timer("forward_stats"):
         outs = run_block(block, inputs, keep_outputs=True)
