@@ -1,0 +1,146 @@
+// CUDA kernel of fasp_ext::accumulate_stats: s += sum over tokens of x^2, H += X^T X (fp32).
+//
+// The column squared norms are one fused, coalesced, deterministic column reduction
+// (common.cuh) into a temporary, whose finiteness is checked on the device; a second tiny kernel
+// adds the temporary to s only when every entry is finite, so s is left untouched on error. The
+// single host sync reads that flag (the op must raise before touching H). The Gram goes through
+// cublasGemmEx on the current stream with fp32 output and fp32 compute (tensor cores for
+// fp16/bf16 inputs, reduced-precision reductions disallowed; fp32 inputs honour
+// torch.backends.cuda.matmul.allow_tf32). GEMM rather than SYRK keeps H += X^T X exact in meaning
+// even for a non-symmetric H passed in by a caller.
+#include <torch/library.h>
+
+#include <climits>
+
+#include "common.cuh"
+
+namespace fasp_ext {
+namespace cuda {
+namespace {
+
+__global__ void guarded_add_kernel(float* __restrict__ s, const float* __restrict__ part,
+                                   const int* __restrict__ flag, int64_t m) {
+  if (*flag != 0) return;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < m;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    s[j] += part[j];
+  }
+}
+
+void check_args(const at::Tensor& X, const at::Tensor& s, const c10::optional<at::Tensor>& H) {
+  TORCH_CHECK_VALUE(X.dim() >= 1,
+                    "accumulate_stats: X must be a tensor with at least 1 dimension (..., m)");
+  const auto xt = X.scalar_type();
+  TORCH_CHECK_VALUE(xt == at::kFloat || xt == at::kHalf || xt == at::kBFloat16,
+                    "accumulate_stats: X must be float32, float16 or bfloat16, got ", py_dtype(xt));
+  const int64_t m = X.size(-1);
+  TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.dim() == 1 && s.size(0) == m,
+                    "accumulate_stats: s must be a float32 vector of length m=", m, ", got ",
+                    py_dtype(s.scalar_type()), " ", py_shape(s.sizes()));
+  TORCH_CHECK_VALUE(s.is_contiguous(), "accumulate_stats: s must be contiguous");
+  TORCH_CHECK_VALUE(s.device() == X.device(), "accumulate_stats: s is on ", py_device(s.device()),
+                    " but X is on ", py_device(X.device()));
+  if (H.has_value() && H->defined()) {
+    const auto& h = *H;
+    TORCH_CHECK_VALUE(h.scalar_type() == at::kFloat && h.dim() == 2 && h.size(0) == m &&
+                          h.size(1) == m,
+                      "accumulate_stats: H must be a float32 (", m, ", ", m, ") matrix, got ",
+                      py_dtype(h.scalar_type()), " ", py_shape(h.sizes()));
+    TORCH_CHECK_VALUE(h.is_contiguous(), "accumulate_stats: H must be contiguous");
+    TORCH_CHECK_VALUE(h.device() == X.device(), "accumulate_stats: H is on ", py_device(h.device()),
+                      " but X is on ", py_device(X.device()));
+  }
+  TORCH_CHECK_VALUE(X.is_cuda(), "accumulate_stats: X must be a CUDA tensor for the CUDA kernel, got ",
+                    py_device(X.device()));
+}
+
+cudaDataType_t cuda_dtype(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return CUDA_R_32F;
+    case at::kHalf: return CUDA_R_16F;
+    case at::kBFloat16: return CUDA_R_16BF;
+    default: TORCH_CHECK(false, "fasp_ext: unsupported dtype ", st);
+  }
+}
+
+// H (m x m, fp32, contiguous) += X2^T X2 for a row-major X2 (n x m, row stride ld).
+void gram_update(const at::Tensor& X2, int64_t n, int64_t m, int64_t ld, at::Tensor& H) {
+  TORCH_CHECK(m <= INT_MAX && ld <= INT_MAX, "accumulate_stats: m too large for cuBLAS");
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  FASP_CUBLAS_CHECK(cublasSetStream(handle, at::cuda::getCurrentCUDAStream()));
+  cublasMath_t old_mode;
+  FASP_CUBLAS_CHECK(cublasGetMathMode(handle, &old_mode));
+  const auto st = X2.scalar_type();
+  cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+  if (st == at::kFloat) {
+    FASP_CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+    if (at::globalContext().allowTF32CuBLAS()) compute = CUBLAS_COMPUTE_32F_FAST_TF32;
+  } else {
+    // fp16/bf16 products accumulate in fp32 all the way (no reduced-precision split-K).
+    FASP_CUBLAS_CHECK(cublasSetMathMode(
+        handle, static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH |
+                                          CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
+  }
+  const cudaDataType_t dt = cuda_dtype(st);
+  const float alpha = 1.f, beta = 1.f;
+  const size_t esize = X2.element_size();
+  const char* base = static_cast<const char*>(X2.const_data_ptr());
+  // Column-major view: A = X2^T is (m x n) with lda = ld; H += A A^T (symmetric, so the storage
+  // order of H does not matter). Rows are chunked so every cuBLAS dimension fits in an int.
+  constexpr int64_t kChunk = int64_t(1) << 30;
+  cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
+  for (int64_t r0 = 0; r0 < n && status == CUBLAS_STATUS_SUCCESS; r0 += kChunk) {
+    const int nk = static_cast<int>(std::min<int64_t>(kChunk, n - r0));
+    const void* A = base + static_cast<size_t>(r0) * ld * esize;
+    status = cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(m),
+                          static_cast<int>(m), nk, &alpha, A, dt, static_cast<int>(ld), A, dt,
+                          static_cast<int>(ld), &beta, H.data_ptr<float>(), CUDA_R_32F,
+                          static_cast<int>(m), compute, CUBLAS_GEMM_DEFAULT);
+  }
+  cublasSetMathMode(handle, old_mode);
+  FASP_CUBLAS_CHECK(status);
+}
+
+void accumulate_stats_cuda(const at::Tensor& X, at::Tensor s, c10::optional<at::Tensor> H) {
+  check_args(X, s, H);
+  const c10::cuda::CUDAGuard guard(X.device());
+  const int64_t m = X.size(-1);
+  if (m == 0) return;
+  at::Tensor Xc = X.stride(-1) == 1 ? X : X.contiguous();
+  at::Tensor X2 = Xc.reshape({-1, m});
+  const int64_t n = X2.size(0);
+  if (n == 0) return;
+  if (!(X2.stride(1) == 1 || m == 1) || (n > 1 && X2.stride(0) < m)) X2 = X2.contiguous();
+  const int64_t ld = n == 1 ? m : X2.stride(0);
+
+  auto fopts = X.options().dtype(at::kFloat);
+  at::Tensor part = at::empty({m}, fopts);
+  at::Tensor flag = at::zeros({1}, fopts.dtype(at::kInt));
+  dispatch_float_types(X2.scalar_type(), "accumulate_stats: X", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    column_reduce<T, ColOp::kSquare>(static_cast<const T*>(X2.const_data_ptr()), n, m, ld,
+                                     part.data_ptr<float>(), flag.data_ptr<int>(), fopts);
+  });
+  {
+    const int threads = 256;
+    const int blocks = static_cast<int>(std::min<int64_t>((m + threads - 1) / threads, 1024));
+    guarded_add_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        s.data_ptr<float>(), part.data_ptr<float>(), flag.data_ptr<int>(), m);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // The one host sync: the op raises (and leaves s and H untouched) on non-finite statistics.
+  TORCH_CHECK_VALUE(flag.item<int>() == 0,
+                    "accumulate_stats: X contains NaN or Inf (or values whose square overflows fp32)");
+  if (H.has_value() && H->defined()) {
+    at::Tensor h = *H;
+    gram_update(X2, n, m, ld, h);
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fasp_ext
+
+TORCH_LIBRARY_IMPL(fasp_ext, CUDA, m) {
+  m.impl("accumulate_stats", &fasp_ext::cuda::accumulate_stats_cuda);
+}
