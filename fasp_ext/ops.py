@@ -35,7 +35,7 @@ def accumulate_stats(X: torch.Tensor, s: torch.Tensor, H: torch.Tensor | None = 
     X: (..., m) float32/float16/bfloat16. s: (m,) float32. H: (m, m) float32 or None.
     """
     ref.check_stats_args(X, s, H)
-    ops = compiled_ops_for(X.device)
+    ops = compiled_ops_for(X.device, "accumulate_stats")
     if ops is None:
         return ref.accumulate_stats(X, s, H)
     ops.accumulate_stats(X, s, H)
@@ -56,7 +56,7 @@ def score_select(
     Ties go to the lower index.
     """
     ref.check_score_args(W, s, k, groups, segments)
-    ops = compiled_ops_for(W.device)
+    ops = compiled_ops_for(W.device, "score_select")
     if ops is None:
         return ref.score_select(W, s, k, groups, segments)
     return ops.score_select(W, s, k, groups, segments)
@@ -76,7 +76,7 @@ def restore(
     ``lam = damp * mean(diag H[S, S])`` in W's dtype, and a :class:`RestoreReport`.
     """
     ref.check_restore_args(W, H, kept, damp, max_retries)
-    ops = compiled_ops_for(W.device)
+    ops = compiled_ops_for(W.device, "restore")
     if ops is None:
         out, rep = ref.restore(W, H, kept, damp, use_fp64, max_retries)
     else:
