@@ -32,7 +32,8 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--attn-sparsity", type=float, default=None, help="override the value-channel sparsity")
     p.add_argument("--mlp-only", action="store_true", help="prune MLP neurons only")
     p.add_argument("--method", default="fasp", help="fasp (default), wanda-sp, magnitude, random")
-    p.add_argument("--damp", type=float, default=None, help="ridge damping of the restoration (default 0.01)")
+    p.add_argument("--damp", default=None,
+                   help="ridge damping of the restoration: a number, or 'auto' (chosen per matrix on held-out samples)")
     p.add_argument("--intercept", action="store_true", help="also fit a bias shift where the projection has a bias")
     p.add_argument("--one-pass", action="store_true",
                    help="statistics from the dense model only (faster, usually less accurate)")
@@ -58,9 +59,18 @@ def _config_from(args):
                       mlp_multiple=args.mlp_multiple, attn_multiple=args.attn_multiple,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet)
     if args.damp is not None:
-        cfg.damp = args.damp
+        cfg.damp = _parse_damp(args.damp)
     cfg.validate()
     return cfg
+
+
+def _parse_damp(v: str):
+    if v == "auto":
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"--damp must be a number >= 0 or 'auto', got {v!r}") from None
 
 
 def _check_positive(name: str, v: int) -> None:
@@ -89,7 +99,7 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     ctx = getattr(model.config, "max_position_embeddings", None)
     if ctx is not None and args.seqlen > ctx:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context of {ctx} tokens")
-    calib_text = data.load_text(calib)
+    calib_text = data.load_text(calib, split="calib")
     tokens = data.calibration_windows(tok, calib_text, args.nsamples, args.seqlen, args.seed)
     eval_sets = {e: data.eval_windows(tok, data.load_text(e), args.seqlen, args.eval_windows) for e in evals}
     result = {"model": model_spec, "calib": calib, "device": device, "dtype": args.dtype,
@@ -165,6 +175,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from . import compare as cmp
+    from .pipeline import PruneConfig
+
+    _check_positive("nsamples", args.nsamples)
+    _check_positive("seqlen", args.seqlen)
+    base = PruneConfig(progress=not args.quiet, seed=args.seed, batch_size=args.batch_size)
+    if args.damp is not None:
+        base.damp = _parse_damp(args.damp)
+    res = cmp.compare(args.model, args.methods, args.sparsities, args.calib, args.eval, args.nsamples, args.seqlen,
+                      args.eval_windows, args.seed, args.device, base, progress=not args.quiet)
+    paths = cmp.write(res, args.out, args.stem)
+    print(cmp.to_markdown(res))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fasp-ext", description="Fast structured pruning of LLMs (FASP).")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -176,6 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_args(d, demo=True)
     d.add_argument("--out", default="fasp_demo_out", help="output folder (default fasp_demo_out)")
     d.set_defaults(func=cmd_demo)
+    c = sub.add_parser("compare", help="rank methods x sparsities by perplexity, time and size")
+    c.add_argument("--model", default="smollm2")
+    c.add_argument("--methods", nargs="+", default=["magnitude", "wanda-sp", "fasp"],
+                   help="method specs: name or name:key=value,... (PruneConfig fields)")
+    c.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    c.add_argument("--calib", default="austen:emma")
+    c.add_argument("--eval", nargs="+", default=["austen:prideprejudice", "jargon"])
+    c.add_argument("--nsamples", type=int, default=128)
+    c.add_argument("--seqlen", type=int, default=512)
+    c.add_argument("--eval-windows", type=int, default=64)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--damp", default=None, help="damping for every method (number or 'auto')")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default=None)
+    c.add_argument("--out", default="bench/results", help="folder for compare.json/.md/.png")
+    c.add_argument("--stem", default="compare", help="file name stem of the results")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_compare)
     e = sub.add_parser("eval", help="perplexity of a (pruned) model on texts")
     e.add_argument("--model", required=True)
     e.add_argument("--data", nargs="+", required=True)

@@ -1,0 +1,136 @@
+"""Rank pruning methods side by side on the same model, calibration data and evaluation texts.
+
+A method spec is ``name`` or ``name:key=value,key=value`` where keys are PruneConfig fields, e.g.
+``fasp``, ``fasp:damp=auto``, ``fasp:intercept=true``, ``wanda-sp``, ``magnitude``, ``fasp:one_pass=true``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .pipeline import PruneConfig, count_params, prune
+
+
+def _parse_value(v: str):
+    low = v.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_method(spec: str, base: PruneConfig) -> PruneConfig:
+    """PruneConfig for ``name[:key=value,...]`` on top of ``base``."""
+    name, _, opts = spec.partition(":")
+    cfg = dataclasses.replace(base, method=name.strip())
+    fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    for item in filter(None, (o.strip() for o in opts.split(","))):
+        key, eq, val = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in fields:
+            raise ValueError(f"methods: unknown option {key!r} in {spec!r}; options are PruneConfig fields")
+        setattr(cfg, key, _parse_value(val) if eq else True)
+    cfg.validate()
+    return cfg
+
+
+def compare(model_spec: str, methods: list[str], sparsities: list[float], calib: str, evals: list[str],
+            nsamples: int = 128, seqlen: int = 512, eval_windows: int | None = None, seed: int = 0,
+            device: str | None = None, base: PruneConfig | None = None, progress: bool = True,
+            log=print) -> dict:
+    """Prune a fresh copy of the model once per (method, sparsity); measure perplexity on each text."""
+    from . import data, models
+
+    base = base or PruneConfig(progress=progress, seed=seed)
+    configs = [(m, parse_method(m, base)) for m in methods]  # fail on a bad spec before any work
+    for s in sparsities:
+        PruneConfig(sparsity=s).validate()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = models.load_model(model_spec, device="cpu")
+    tokens = data.calibration_windows(tok, data.load_text(calib, split="calib"), nsamples, seqlen, seed)
+    windows = {e: data.eval_windows(tok, data.load_text(e), seqlen, eval_windows) for e in evals}
+    rows = []
+    dense = {"method": "dense", "sparsity": 0.0, "params": count_params(model), "prune_seconds": 0.0}
+    for e, w in windows.items():
+        dense[e] = data.perplexity(model.to(device), w, device=device, progress=progress)
+    model.to("cpu")
+    rows.append(dense)
+    log(_row_text(dense, evals))
+    del model
+    for s in sparsities:
+        for name, cfg in configs:
+            m, _ = models.load_model(model_spec, device="cpu")
+            cfg = dataclasses.replace(cfg, sparsity=s, device=device, progress=progress)
+            t = time.perf_counter()
+            rep = prune(m, tokens, cfg)
+            row = {"method": name, "sparsity": s, "params": rep.params_after,
+                   "prune_seconds": time.perf_counter() - t}
+            for e, w in windows.items():
+                row[e] = data.perplexity(m.to(device), w, device=device, progress=progress)
+            rows.append(row)
+            log(_row_text(row, evals))
+            del m
+    return {"model": model_spec, "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+            "device": device, "evals": evals, "eval_windows": {e: int(w.shape[0]) for e, w in windows.items()},
+            "rows": rows}
+
+
+def _row_text(r: dict, evals) -> str:
+    ppl = "  ".join(f"{e}={r[e]:.2f}" for e in evals)
+    return f"{r['method']:<28} {r['sparsity']:>4.0%}  {ppl}  params={r['params']:,}  time={r['prune_seconds']:.1f}s"
+
+
+def to_markdown(result: dict) -> str:
+    evals = result["evals"]
+    head = "| method | sparsity | " + " | ".join(f"ppl {e}" for e in evals) + " | params | prune s |"
+    lines = [head, "|" + "---|" * (len(evals) + 4)]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['sparsity']:.0%} | " + " | ".join(f"{r[e]:.2f}" for e in evals)
+                     + f" | {r['params']:,} | {r['prune_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = result["evals"]
+    fig, axes = plt.subplots(1, len(evals), figsize=(5 * len(evals), 4), squeeze=False)
+    dense = next(r for r in result["rows"] if r["method"] == "dense")
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"] if r["method"] != "dense"))
+    for ax, e in zip(axes[0], evals):
+        for m in methods:
+            rs = sorted((r for r in result["rows"] if r["method"] == m), key=lambda r: r["sparsity"])
+            ax.plot([0] + [r["sparsity"] for r in rs], [dense[e]] + [r[e] for r in rs], marker="o", label=m)
+        ax.set_title(f"perplexity on {e}")
+        ax.set_xlabel("sparsity")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{result['model']}: calibration {result['calib']} ({result['nsamples']} x {result['seqlen']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(result: dict, out_dir: str | Path, stem: str = "compare") -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
+    paths[0].write_text(json.dumps(result, indent=2))
+    paths[1].write_text(to_markdown(result))
+    plot(result, paths[2])
+    return paths
