@@ -160,11 +160,12 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from . import data, models
+    from . import data
+    from .io import load_model_and_tokenizer
 
     _check_positive("seqlen", args.seqlen)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = models.load_model(args.model, dtype=_dtype(args.dtype), device=device)
+    model, tok = load_model_and_tokenizer(args.model, dtype=_dtype(args.dtype), device=device)
     res = {}
     for spec in args.data:
         win = data.eval_windows(tok, data.load_text(spec), args.seqlen, args.eval_windows)
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError covers missing files, offline hubs
         print(f"fasp-ext: error: {e}", file=sys.stderr)
         return 2
 

@@ -81,3 +81,17 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     if dtype is not None:
         model.to(dtype)
     return model.to(device).eval()
+
+
+def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32, device="cpu"):
+    """(model, tokenizer) for a fasp_ext output folder (rebuilt by load_pruned) or any model spec
+    that :func:`fasp_ext.models.load_model` accepts (a local folder, 'smollm2')."""
+    p = Path(spec).expanduser()
+    cfg_file = p / "config.json"
+    if cfg_file.is_file() and "fasp_ext" in json.loads(cfg_file.read_text()):
+        from transformers import AutoTokenizer
+
+        return load_pruned(p, dtype=dtype, device=device), AutoTokenizer.from_pretrained(p)
+    from . import models
+
+    return models.load_model(spec, dtype=dtype, device=device)

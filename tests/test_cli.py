@@ -1,0 +1,105 @@
+"""The command line on a tiny local LLaMA-GQA model with a tiny word-level tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fasp_ext.cli import main
+from fasp_ext.io import load_pruned
+from tiny_models import tiny_llama
+
+WORDS = 90
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(WORDS)}
+    vocab["[UNK]"] = WORDS
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    m = tiny_llama()
+    m.save_pretrained(d)
+    _tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("texts")
+    g = torch.Generator().manual_seed(0)
+    for name in ("calib", "eval"):
+        ids = torch.randint(0, WORDS, (3000,), generator=g).tolist()
+        (d / f"{name}.txt").write_text(" ".join(f"w{i}" for i in ids))
+    (d / "empty.txt").write_text("")
+    return d
+
+
+def _prune_args(model_dir, texts, out, *extra):
+    return ["prune", "--model", str(model_dir), "--calib", str(texts / "calib.txt"), "--nsamples", "4",
+            "--seqlen", "32", "--out", str(out), "--quiet", "--eval", str(texts / "eval.txt"),
+            "--eval-windows", "4", *extra]
+
+
+def test_prune_then_eval(model_dir, texts, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(_prune_args(model_dir, texts, out, "--sparsity", "0.25")) == 0
+    printed = capsys.readouterr().out
+    assert "parameters:" in printed and "perplexity on" in printed
+    rep = json.loads((out / "fasp_report.json").read_text())
+    assert rep["params_after"] < rep["params_before"]
+    assert set(rep["perplexity_after"]) == {str(texts / "eval.txt")}
+    m = load_pruned(out)
+    assert m.config.fasp_ext["v_head_dim"] == [12, 12]
+    assert main(["eval", "--model", str(out), "--data", str(texts / "eval.txt"), "--seqlen", "32",
+                 "--eval-windows", "4", "--quiet", "--json", str(tmp_path / "e.json")]) == 0
+    after = json.loads((tmp_path / "e.json").read_text())[str(texts / "eval.txt")]
+    assert after == pytest.approx(rep["perplexity_after"][str(texts / "eval.txt")], rel=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "1.0"], "sparsity"),
+    (["--sparsity", "-0.1"], "sparsity"),
+    (["--seqlen", "4096"], "seqlen"),
+    (["--nsamples", "0"], "nsamples"),
+    (["--damp", "lots"], "--damp"),
+    (["--method", "nope"], "method"),
+])
+def test_bad_arguments_write_nothing(model_dir, texts, tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    assert main(_prune_args(model_dir, texts, out, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(model_dir, texts, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    assert main(_prune_args(model_dir, texts, out)) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(_prune_args(model_dir, texts, out, "--overwrite")) == 0
+    assert (out / "config.json").is_file()
+
+
+def test_missing_model_and_bad_calibration(model_dir, texts, tmp_path, capsys):
+    args = _prune_args(model_dir, texts, tmp_path / "o")
+    bad_model = list(args)
+    bad_model[bad_model.index("--model") + 1] = str(tmp_path / "no_such_model")
+    assert main(bad_model) == 2
+    assert "no_such_model" in capsys.readouterr().err
+    for calib in (texts / "empty.txt", tmp_path / "missing.txt"):
+        a = list(args)
+        a[a.index("--calib") + 1] = str(calib)
+        assert main(a) == 2
+        assert capsys.readouterr().err.strip()
+    assert not (tmp_path / "o").exists()
