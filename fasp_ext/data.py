@@ -379,6 +379,11 @@ def load_text(spec: str, split: str = "eval") -> str:
     p = Path(spec).expanduser()
     if p.exists():
         return _read_path(p)
+    if "," in spec:
+        parts = [s.strip() for s in spec.split(",") if s.strip()]
+        if not parts:
+            raise ValueError(f"text spec {spec!r} lists nothing")
+        return "\n\n".join(load_text(s, split=split) for s in parts)
     low = spec.lower()
     if low == "austen" or low.startswith("austen:"):
         book = spec.split(":", 1)[1].strip() if ":" in spec else "all"
@@ -396,9 +401,6 @@ def load_text(spec: str, split: str = "eval") -> str:
         if sub:
             sub = {"test": "eval", "validation": "eval", "train": "calib"}.get(sub, sub)
         return _load_hf_dataset(name, sub or split)
-    if "," in spec:
-        parts = [s.strip() for s in spec.split(",") if s.strip()]
-        return "\n\n".join(load_text(s, split=split) for s in parts)
     if "/" in spec or os.sep in spec or low.endswith(".txt") or spec.startswith((".", "~")):
         raise FileNotFoundError(f"text path {spec!r} does not exist")
     raise ValueError(

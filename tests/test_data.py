@@ -439,3 +439,71 @@ def test_perplexity_errors():
         D.perplexity(model, torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError):
         D.perplexity(model, torch.zeros((0, 8), dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------
+# Obtaining Debian packages (no network: a hand-made .deb already in the cache dir)
+# ---------------------------------------------------------------------------------------------
+
+def _make_deb(path, files):
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, content in files.items():
+            info = tarfile.TarInfo("./" + name)
+            info.size = len(content)
+            tf.addfile(info, io.BytesIO(content))
+    members = [("debian-binary", b"2.0\n"), ("control.tar.gz", gzip.compress(b"")),
+               ("data.tar.gz", buf.getvalue())]
+    out = b"!<arch>\n"
+    for name, payload in members:
+        hdr = f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(payload):<10}`\n".encode()
+        assert len(hdr) == 60
+        out += hdr + payload + (b"\n" if len(payload) % 2 else b"")
+    path.write_bytes(out)
+
+
+@pytest.mark.parametrize("use_dpkg", [True, False])
+def test_fetch_package_from_cached_deb(tmp_path, monkeypatch, use_dpkg):
+    import shutil as sh
+    import subprocess
+
+    if use_dpkg and sh.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb not installed")
+    monkeypatch.setenv("FASP_EXT_DATA_DIR", str(tmp_path))
+    _make_deb(tmp_path / "fakepkg_1.0_all.deb", {"usr/share/fake/hello.txt": b"hello deb\n"})
+    if not use_dpkg:  # pure-Python ar + tar fallback
+        real_run = subprocess.run
+
+        def run(cmd, *a, **k):
+            if cmd[0] in ("dpkg-deb", "apt-get"):
+                raise FileNotFoundError(cmd[0])
+            return real_run(cmd, *a, **k)
+
+        monkeypatch.setattr(D.subprocess, "run", run)
+    root = D.fetch_package("fakepkg", "usr/share/fake/hello.txt")
+    assert root == tmp_path / "fakepkg"
+    assert (root / "usr/share/fake/hello.txt").read_text() == "hello deb\n"
+    assert D.fetch_package("fakepkg", "usr/share/fake/hello.txt") == root  # cached
+    assert [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []
+
+
+def test_fetch_package_failure_says_what_to_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASP_EXT_DATA_DIR", str(tmp_path))
+
+    def run(cmd, *a, **k):
+        raise FileNotFoundError(cmd[0])
+
+    monkeypatch.setattr(D.subprocess, "run", run)
+    with pytest.raises(RuntimeError, match="apt-get download nosuchpkg"):
+        D.fetch_package("nosuchpkg", "usr/share/x")
+
+
+def test_load_text_comma_list_of_mixed_specs(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "austen_text", lambda name: f"<austen {name}>")
+    monkeypatch.setattr(D, "jargon_text", lambda body_only=True: "<jargon>")
+    (tmp_path / "a.txt").write_text("local")
+    got = D.load_text(f"austen:emma, jargon,{tmp_path / 'a.txt'}")
+    assert got == "<austen emma>\n\n<jargon>\n\nlocal"
