@@ -27,7 +27,7 @@ __global__ void guarded_add_kernel(float* __restrict__ s, const float* __restric
   }
 }
 
-void check_args(const at::Tensor& X, const at::Tensor& s, const c10::optional<at::Tensor>& H) {
+void check_args(const at::Tensor& X, const at::Tensor& s, const std::optional<at::Tensor>& H) {
   TORCH_CHECK_VALUE(X.dim() >= 1,
                     "accumulate_stats: X must be a tensor with at least 1 dimension (..., m)");
   const auto xt = X.scalar_type();
@@ -101,7 +101,8 @@ void gram_update(const at::Tensor& X2, int64_t n, int64_t m, int64_t ld, at::Ten
   FASP_CUBLAS_CHECK(status);
 }
 
-void accumulate_stats_cuda(const at::Tensor& X, at::Tensor s, c10::optional<at::Tensor> H) {
+// The signature must match the CPU kernel's exactly (the dispatcher checks it at load time).
+void accumulate_stats_cuda(const at::Tensor& X, at::Tensor s, std::optional<at::Tensor> H) {
   check_args(X, s, H);
   const c10::cuda::CUDAGuard guard(X.device());
   const int64_t m = X.size(-1);

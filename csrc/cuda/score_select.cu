@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(BLOCK)
 }
 
 void check_args(const at::Tensor& W, const at::Tensor& s, int64_t k,
-                const c10::optional<at::Tensor>& groups, int64_t segments, int64_t* G_out) {
+                const std::optional<at::Tensor>& groups, int64_t segments, int64_t* G_out) {
   TORCH_CHECK_VALUE(W.dim() == 2, "score_select: W must be 2-D (out, m), got ", W.dim(), "-D");
   const auto wt = W.scalar_type();
   TORCH_CHECK_VALUE(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16,
@@ -192,8 +192,9 @@ void check_args(const at::Tensor& W, const at::Tensor& s, int64_t k,
   *G_out = G;
 }
 
+// The signature must match the CPU kernel's exactly (the dispatcher checks it at load time).
 at::Tensor score_select_cuda(const at::Tensor& W, const at::Tensor& s, int64_t k,
-                             c10::optional<at::Tensor> groups, int64_t segments) {
+                             const std::optional<at::Tensor>& groups, int64_t segments) {
   int64_t G = 0;
   check_args(W, s, k, groups, segments, &G);
   const c10::cuda::CUDAGuard guard(W.device());
