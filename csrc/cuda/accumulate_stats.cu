@@ -66,8 +66,13 @@ cudaDataType_t cuda_dtype(at::ScalarType st) {
 // H (m x m, fp32, contiguous) += X2^T X2 for a row-major X2 (n x m, row stride ld).
 void gram_update(const at::Tensor& X2, int64_t n, int64_t m, int64_t ld, at::Tensor& H) {
   TORCH_CHECK(m <= INT_MAX && ld <= INT_MAX, "accumulate_stats: m too large for cuBLAS");
+  // The pooled handle comes bound to the current stream with ATen's workspace. Re-binding only if
+  // needed: cublasSetStream also resets the workspace to cuBLAS's default pool.
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
-  FASP_CUBLAS_CHECK(cublasSetStream(handle, at::cuda::getCurrentCUDAStream()));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t bound = nullptr;
+  FASP_CUBLAS_CHECK(cublasGetStream(handle, &bound));
+  if (bound != stream) FASP_CUBLAS_CHECK(cublasSetStream(handle, stream));
   cublasMath_t old_mode;
   FASP_CUBLAS_CHECK(cublasGetMathMode(handle, &old_mode));
   const auto st = X2.scalar_type();
