@@ -108,7 +108,24 @@ def write_build_header(record: dict) -> None:
         path.write_text(text)
 
 
+def ensure_cuda_home() -> None:
+    """Point CUDA_HOME at a real toolkit before torch.utils.cpp_extension reads it: an `nvcc` on
+    PATH may be a wrapper script (e.g. /usr/local/bin/nvcc), whose parent is no toolkit."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    for c in candidates:
+        if (c / "bin" / "nvcc").exists() and (c / "include" / "cuda_runtime.h").exists():
+            os.environ["CUDA_HOME"] = str(c)
+            return
+
+
 def extension_modules():
+    ensure_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension

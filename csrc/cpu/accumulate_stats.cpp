@@ -62,6 +62,7 @@ void column_sq_norms(const scalar_t* x, int64_t n, int64_t m, float* part) {
   });
 }
 
+// The C++ signature must equal the CUDA kernel's (csrc/cuda): the dispatcher checks it at load.
 void accumulate_stats_cpu(const at::Tensor& X, at::Tensor s, std::optional<at::Tensor> H) {
   check_stats_args(X, s, H);
   TORCH_CHECK_VALUE(X.device().is_cpu(), "accumulate_stats: X must be a CPU tensor for the CPU kernel");

@@ -64,6 +64,7 @@ at::Tensor make_report(int path, double lam, int64_t attempts) {
   return r;
 }
 
+// The C++ signature must equal the CUDA kernel's (csrc/cuda): the dispatcher checks it at load.
 std::tuple<at::Tensor, at::Tensor> restore_cpu(const at::Tensor& W, const at::Tensor& H, const at::Tensor& kept,
                                                double damp, bool use_fp64, int64_t max_retries) {
   const int64_t m = check_restore_args(W, H, kept, damp, max_retries);

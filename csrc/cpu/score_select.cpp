@@ -72,6 +72,7 @@ void abs_column_sums(const scalar_t* w, int64_t out, int64_t m, float* colsum) {
   });
 }
 
+// The C++ signature must equal the CUDA kernel's (csrc/cuda): the dispatcher checks it at load.
 at::Tensor score_select_cpu(const at::Tensor& W, const at::Tensor& s, int64_t k,
                             const std::optional<at::Tensor>& groups, int64_t segments) {
   const auto [G, per] = check_score_args(W, s, k, groups, segments);
