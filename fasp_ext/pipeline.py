@@ -281,7 +281,7 @@ def _correct_outputs(outs: list[torch.Tensor], z_batches: list[torch.Tensor], ke
     res = []
     for o, z in zip(outs, z_batches):
         delta = new(z.index_select(-1, kept)).float() - old(z).float()
-        res.append((o.float() + delta).to(o.dtype))
+        res.append((o.float() + delta.view(o.shape)).to(o.dtype))
     return res
 
 

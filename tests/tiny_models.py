@@ -15,10 +15,10 @@ def tiny_llama(seed: int = 0, vocab: int = 97, kv_heads: int = 2, attn_impl: str
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_opt(seed: int = 0, vocab: int = 97, attn_impl: str = "sdpa") -> OPTForCausalLM:
+def tiny_opt(seed: int = 0, vocab: int = 97, attn_impl: str = "sdpa", pre_norm: bool = True) -> OPTForCausalLM:
     torch.manual_seed(seed)
     cfg = OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=128, word_embed_proj_dim=64, do_layer_norm_before=True)
+                    max_position_embeddings=128, word_embed_proj_dim=64, do_layer_norm_before=pre_norm)
     cfg._attn_implementation = attn_impl
     m = OPTForCausalLM(cfg).eval()
     with torch.no_grad():  # random non-zero biases so bias handling is exercised

@@ -54,8 +54,9 @@ class Adapter:
     mlp_out_name = ""
     #: where the MLP's first linear lives relative to the block ("mlp" for LLaMA, "" for OPT)
     mlp_prefix = "mlp"
-    #: block output = residual + mlp(norm(residual)) (pre-norm): lets the pipeline replace the MLP
-    #: contribution without re-running attention
+    #: the MLP output projection's result is added to the residual stream and is the block's last
+    #: operation (with is_pre_norm): the pipeline then corrects stored block outputs by the change
+    #: of that projection instead of running the block again
     mlp_is_residual_branch = True
 
     # ---- model level
@@ -91,10 +92,6 @@ class Adapter:
         setattr(a, self.v_name, v)
         setattr(a, self.o_name, o)
         self.set_value_head_dim(a, v_head_dim)
-
-    def mlp_module(self, block) -> nn.Module:
-        """The module whose output is the MLP branch added to the residual."""
-        return getattr(block, self.mlp_prefix) if self.mlp_prefix else block
 
     def mlp_pair(self, block) -> tuple[list[nn.Linear], nn.Linear]:
         p = self._mlp_parent(block)

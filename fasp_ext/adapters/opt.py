@@ -15,14 +15,13 @@ class OPTAdapter(Adapter):
     mlp_prefix = ""
     mlp_in_names = ("fc1",)
     mlp_out_name = "fc2"
-    # OPT's MLP is inline in the decoder layer, not a submodule: the pipeline runs the whole block.
-    mlp_is_residual_branch = False
 
     def blocks(self, model):
         return model.model.decoder.layers
 
-    def max_context(self, config):
-        return getattr(config, "max_position_embeddings", None)
+    def is_pre_norm(self, config) -> bool:
+        # OPT-350m normalises after the residual add; the others before (do_layer_norm_before)
+        return bool(getattr(config, "do_layer_norm_before", True))
 
     def head_geometry(self, config):
         n = config.num_attention_heads

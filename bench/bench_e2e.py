@@ -1,0 +1,186 @@
+"""End-to-end pruning time and peak memory versus one dense calibration forward pass.
+
+    python bench/bench_e2e.py                       # SmolLM2-135M + synthetic LLaMA/OPT configs, CPU
+    python bench/bench_e2e.py --device cuda --seqlen 2048
+
+For each model: one dense forward of the decoder blocks over the calibration set (the floor for
+any calibration-based method), then FASP sequential (the default) and one-pass, each in a fresh
+subprocess so its peak memory (RSS on CPU, max allocated on CUDA) is its own. Reports every phase
+and ``prune_time / dense_calibration_forward``; for SmolLM2 also the perplexity of both modes on a
+held-out novel, so the one-pass speed-up is shown with its accuracy cost. Writes
+bench/results/e2e_<device>.json and .md. Timings only, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+SYNTHETIC = {
+    # name: (family, hidden, intermediate, layers, heads, kv heads)
+    "llama-h512-l4": ("llama", 512, 1376, 4, 8, 2),
+    "llama-h1024-l4": ("llama", 1024, 2752, 4, 16, 4),
+    "llama-h2048-l2": ("llama", 2048, 5504, 2, 16, 4),
+    "opt-125m-shape": ("opt", 768, 3072, 12, 12, 12),
+}
+
+
+def build_synthetic(name: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    fam, h, inter, layers, heads, kv = SYNTHETIC[name]
+    torch.manual_seed(0)
+    if fam == "llama":
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096)
+        return LlamaForCausalLM(cfg).eval(), None
+    cfg = OPTConfig(vocab_size=50272, hidden_size=h, ffn_dim=inter, num_hidden_layers=layers,
+                    num_attention_heads=heads, max_position_embeddings=2048, word_embed_proj_dim=h)
+    return OPTForCausalLM(cfg).eval(), None
+
+
+def peak_memory(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+
+
+def worker(args) -> dict:
+    """One measurement in this process: 'dense' forward, or a prune in 'sequential'/'one-pass' mode."""
+    from fasp_ext import data, models
+    from fasp_ext.adapters import adapter_for
+    from fasp_ext.pipeline import PruneConfig, prune
+
+    torch.set_num_threads(args.threads)
+    if args.model == "smollm2":
+        model, tok = models.load_model("smollm2")
+        tokens = data.calibration_windows(tok, data.load_text("austen:emma", split="calib"), args.nsamples,
+                                          args.seqlen, 0)
+    else:
+        model, tok = build_synthetic(args.model)
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen), generator=g)
+    dev = torch.device(args.device)
+    out = {"model": args.model, "mode": args.mode, "nsamples": args.nsamples, "seqlen": args.seqlen}
+    base_mem = peak_memory(args.device)
+    if args.mode == "dense":
+        ad = adapter_for(model)
+        model.to(dev)
+        body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        with torch.no_grad():
+            body(input_ids=tokens[: args.batch_size].to(dev), use_cache=False)  # warm-up
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for i in range(0, tokens.shape[0], args.batch_size):
+                body(input_ids=tokens[i:i + args.batch_size].to(dev), use_cache=False)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        out["seconds"] = time.perf_counter() - t
+        out["blocks"] = len(ad.blocks(model))
+    else:
+        cfg = PruneConfig(sparsity=args.sparsity, one_pass=args.mode == "one-pass", device=args.device,
+                          batch_size=args.batch_size, progress=False)
+        t = time.perf_counter()
+        rep = prune(model, tokens, cfg)
+        out["seconds"] = time.perf_counter() - t
+        out["phases"] = rep.times
+        out["params_before"], out["params_after"] = rep.params_before, rep.params_after
+        if args.model == "smollm2" and args.eval_windows:
+            win = data.eval_windows(tok, data.load_text("austen:prideprejudice"), 512, args.eval_windows)
+            out["ppl_prideprejudice"] = data.perplexity(model.to(dev), win, device=dev, progress=False)
+    out["peak_mib"] = peak_memory(args.device)
+    out["model_load_peak_mib"] = base_mem
+    return out
+
+
+def run_worker(ns, model: str, mode: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--model", model, "--mode", mode, "--nsamples", str(ns.nsamples),
+           "--seqlen", str(ns.seqlen), "--device", ns.device, "--batch-size", str(ns.batch_size),
+           "--sparsity", str(ns.sparsity), "--threads", str(ns.threads), "--eval-windows", str(ns.eval_windows)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if res.returncode != 0:
+        raise RuntimeError(f"worker {model}/{mode} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def to_markdown(info: dict, rows: list[dict]) -> str:
+    lines = [f"# End-to-end pruning time ({info['device']})", "",
+             f"- machine: {info.get('cpu', '')}, {info.get('cores', '')} cores; torch {info['torch']}; "
+             f"git {info['git_commit'][:12]}", f"- calibration: {rows[0]['dense']['nsamples']} x {rows[0]['dense']['seqlen']} tokens, "
+             f"sparsity {info['sparsity']:.0%} (MLP + value channels)", "",
+             "| model | dense forward s | sequential s | ratio | one-pass s | ratio | peak MiB dense / seq / one-pass |"
+             " ppl P&P seq / one-pass |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ppl = (f"{r['sequential'].get('ppl_prideprejudice', float('nan')):.2f} / "
+               f"{r['one-pass'].get('ppl_prideprejudice', float('nan')):.2f}") if "ppl_prideprejudice" in r[
+            "sequential"] else "-"
+        lines.append(
+            f"| {r['model']} | {r['dense']['seconds']:.2f} | {r['sequential']['seconds']:.2f} | "
+            f"{r['ratio_sequential']:.2f} | {r['one-pass']['seconds']:.2f} | {r['ratio_one_pass']:.2f} | "
+            f"{r['dense']['peak_mib']:.0f} / {r['sequential']['peak_mib']:.0f} / {r['one-pass']['peak_mib']:.0f} | "
+            f"{ppl} |")
+    lines += ["", "Phases of the sequential run (seconds):", "",
+              "| model | " + " | ".join(sorted({k for r in rows for k in r["sequential"]["phases"]})) + " |"]
+    keys = sorted({k for r in rows for k in r["sequential"]["phases"]})
+    lines.append("|---|" + "---|" * len(keys))
+    for r in rows:
+        lines.append(f"| {r['model']} | " + " | ".join(f"{r['sequential']['phases'].get(k, 0):.2f}" for k in keys)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["smollm2", *SYNTHETIC])
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--sparsity", type=float, default=0.2)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--eval-windows", type=int, default=32, help="P&P windows for the SmolLM2 accuracy check")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ns = ap.parse_args()
+    if ns.worker:
+        print(json.dumps(worker(ns)))
+        return
+    from bench_ops import machine_info
+
+    info = machine_info(torch.device(ns.device))
+    info.update({"device": ns.device, "sparsity": ns.sparsity})
+    rows = []
+    for model in ns.models:
+        r = {"model": model}
+        for mode in ("dense", "sequential", "one-pass"):
+            r[mode] = run_worker(ns, model, mode)
+            print(f"{model:>16} {mode:>10}: {r[mode]['seconds']:.2f} s, peak {r[mode]['peak_mib']:.0f} MiB", flush=True)
+        r["ratio_sequential"] = r["sequential"]["seconds"] / r["dense"]["seconds"]
+        r["ratio_one_pass"] = r["one-pass"]["seconds"] / r["dense"]["seconds"]
+        print(f"{model:>16}  prune/dense: sequential {r['ratio_sequential']:.2f}, one-pass {r['ratio_one_pass']:.2f}")
+        rows.append(r)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"e2e_{ns.device.split(':')[0]}"
+    (out / f"{stem}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+    (out / f"{stem}.md").write_text(to_markdown(info, rows))
+    print((out / f"{stem}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
