@@ -180,7 +180,7 @@ def to_markdown(info, rows):
         + (f"; GPU: {info['gpu']}" if "gpu" in info else ""),
         f"- torch {info['torch']}, python {info['python']}, git {info['git_commit'][:12]}"
         + (" (sources modified)" if info.get("git_dirty_sources") else ""),
-        f"- load average at start: {info.get("load_average_at_start") or 0:.1f} (other work on the machine skews timings)",
+        f"- load average at start: {info.get('load_average_at_start') or 0:.1f} (other work on the machine skews timings)",
         f"- {info['date']}; times are medians in ms; speedup = reference / compiled;"
         " 'compiled / baseline' < 1 means the op is faster than the baseline",
         "",
