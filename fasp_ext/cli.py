@@ -33,7 +33,7 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--mlp-only", action="store_true", help="prune MLP neurons only")
     p.add_argument("--method", default="fasp", help="fasp (default), wanda-sp, magnitude, random")
     p.add_argument("--damp", default=None,
-                   help="ridge damping of the restoration: a number, or 'auto' (chosen per matrix on held-out samples)")
+                   help="ridge damping of the restoration (default 0.1), or 'auto' (chosen per matrix on held-out samples)")
     p.add_argument("--intercept", action="store_true", help="also fit a bias shift where the projection has a bias")
     p.add_argument("--one-pass", action="store_true",
                    help="statistics from the dense model only (faster, usually less accurate)")

@@ -52,7 +52,7 @@ class PruneConfig:
     method: str = "fasp"
     #: ridge damping of the restoration, relative to mean(diag H[S, S]); "auto" picks it per matrix
     #: from held-out calibration samples (every ``val_every``-th one) over ``damp_grid``
-    damp: float | str = 0.01
+    damp: float | str = 0.1
     val_every: int = 5
     damp_grid: tuple = DEFAULT_GRID
     #: also fit a bias shift (only where the restored projection has a bias)
