@@ -63,6 +63,9 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
         raise ValueError(f"path: {p} config.fasp_ext lists sizes for a different number of blocks")
     for block, dv, w in zip(blocks, meta["v_head_dim"], meta["mlp_width"]):
         adapter.resize_block(block, config, int(dv), int(w))
+    for name in meta.get("added_bias", []):  # biases fitted by the pruning (intercept, FLAP)
+        lin = model.get_submodule(name)
+        lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
     state = {}
     files = sorted(p.glob("*.safetensors"))
     if not files:

@@ -31,7 +31,7 @@ from .calibration import BlockInputs, Stats, capture_block_inputs, collect, run_
 
 log = logging.getLogger("fasp_ext")
 
-METHODS = ("fasp", "wanda-sp", "magnitude", "random")
+METHODS = ("fasp", "wanda-sp", "flap", "magnitude", "random")
 
 
 @dataclass
@@ -48,7 +48,8 @@ class PruneConfig:
     mlp_multiple: int = 8
     #: kept value channels per kv head rounded to a multiple of this
     attn_multiple: int = 1
-    #: selection method: fasp (score + restore), wanda-sp (score only), magnitude, random
+    #: selection method: fasp (score + restore), wanda-sp (score only), flap (fluctuation score +
+    #: bias compensation, uniform allocation), magnitude, random
     method: str = "fasp"
     #: ridge damping of the restoration, relative to mean(diag H[S, S]); "auto" picks it per matrix
     #: from held-out calibration samples (every ``val_every``-th one) over ``damp_grid``
@@ -162,6 +163,10 @@ def _select(method: str, W: torch.Tensor, stats: Stats, k: int, groups, segments
         return ops.score_select(W, stats.s, k, groups, segments)
     if method == "magnitude":  # column L2 norm of W2 (activations ignored)
         scores = W.float().pow(2).sum(0).sqrt()
+    elif method == "flap":  # fluctuation: input variance over tokens x squared column norm (FLAP)
+        n = max(stats.n, 1)
+        var = (stats.s / n - (stats.mu / n) ** 2).clamp_min(0)
+        scores = var * W.float().pow(2).sum(0)
     else:  # random
         scores = torch.rand(W.shape[1], generator=gen).to(W.device)
     if groups is not None:
@@ -195,6 +200,8 @@ def _restore(W: torch.Tensor, bias: torch.Tensor | None, stats: Stats, kept_cols
     H, mu, n = stats.H, stats.mu, stats.n
     Hv, muv, nv = stats.H_val, stats.mu_val, stats.n_val
     new_bias = None if bias is None else bias.detach().float().clone()
+    if new_bias is None and (cfg.method == "flap" or (restore and cfg.intercept)):
+        new_bias = torch.zeros(W.shape[0], device=W.device)  # these fit a bias: the projection gets one
     if col_const is not None and new_bias is not None:
         removed_mask = torch.ones(m, dtype=torch.bool, device=W.device)
         removed_mask[kept_cols] = False
@@ -205,6 +212,10 @@ def _restore(W: torch.Tensor, bias: torch.Tensor | None, stats: Stats, kept_cols
             if Hv is not None:
                 Hv, muv = _shift(Hv, muv, nv, c)
     info: dict = {"path": "none", "lam": 0.0}
+    if cfg.method == "flap":  # removed inputs replaced by their calibration mean, moved into the bias
+        removed_mask = torch.ones(m, dtype=torch.bool, device=W.device)
+        removed_mask[kept_cols] = False
+        new_bias += W.float()[:, removed_mask] @ (mu[removed_mask] / max(n, 1))
     if not restore or H is None:
         return W[:, kept_cols].contiguous(), None if new_bias is None else new_bias.to(W.dtype), info
     Wt, kept_t = W, kept_cols
@@ -225,9 +236,11 @@ def _restore(W: torch.Tensor, bias: torch.Tensor | None, stats: Stats, kept_cols
 
 
 def _set_linear(lin: nn.Linear, W: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    new = nn.Linear(W.shape[1], W.shape[0], bias=lin.bias is not None, device=W.device, dtype=lin.weight.dtype)
+    """A new projection with weight W and ``bias`` (which may add a bias the old one lacked)."""
+    has_bias = lin.bias is not None or bias is not None
+    new = nn.Linear(W.shape[1], W.shape[0], bias=has_bias, device=W.device, dtype=lin.weight.dtype)
     new.weight.data.copy_(W)
-    if lin.bias is not None:
+    if has_bias:
         new.bias.data.copy_(bias if bias is not None else lin.bias.data)
     return new
 
@@ -323,6 +336,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
     was_training = model.training
     model.eval()
     blocks = adapter.blocks(model)
+    biased_before = _biased_linears(model)
     with timer("capture"):
         inputs = capture_block_inputs(model, blocks, tokens, cfg.batch_size, device)
     prune_attn = cfg.attn_fraction > 0
@@ -383,7 +397,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
         inputs = BlockInputs(outs, inputs.kwargs)
         report.blocks.append(info)
         blocks[i] = block.to(home)
-    _record_sizes(adapter, model, report)
+    _record_sizes(adapter, model, report, biased_before)
     model.train(was_training)
     report.params_after = count_params(model)
     report.times = dict(timer.times)
@@ -421,8 +435,13 @@ def block_device(block: nn.Module) -> torch.device:
     return next(block.parameters()).device
 
 
-def _record_sizes(adapter: Adapter, model: nn.Module, report: PruneReport) -> None:
-    """Write the per-block sizes into the config so the pruned architecture can be rebuilt."""
+def _biased_linears(model: nn.Module) -> set[str]:
+    return {n for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and mod.bias is not None}
+
+
+def _record_sizes(adapter: Adapter, model: nn.Module, report: PruneReport, biased_before: set[str]) -> None:
+    """Write the per-block sizes (and biases the pruning added) into the config, so the pruned
+    architecture can be rebuilt by load_pruned."""
     cfg = model.config
     blocks = adapter.blocks(model)
     n, kv, hd = adapter.head_geometry(cfg)
@@ -430,7 +449,8 @@ def _record_sizes(adapter: Adapter, model: nn.Module, report: PruneReport) -> No
     widths = [adapter.mlp_width(b) for b in blocks]
     if len(set(widths)) == 1:
         setattr(cfg, adapter.mlp_size_key, widths[0])
-    if any(d != hd for d in v_dims) or len(set(widths)) > 1:
-        cfg.fasp_ext = {"version": 1, "v_head_dim": v_dims, "mlp_width": widths}
+    added = sorted(_biased_linears(model) - biased_before)
+    if any(d != hd for d in v_dims) or len(set(widths)) > 1 or added:
+        cfg.fasp_ext = {"version": 1, "v_head_dim": v_dims, "mlp_width": widths, "added_bias": added}
     elif hasattr(cfg, "fasp_ext"):
         del cfg.fasp_ext

@@ -209,7 +209,7 @@ def test_reproducible_with_seed(family):
 
 
 def test_one_pass_and_methods_run(family):
-    for method in ("fasp", "wanda-sp", "magnitude", "random"):
+    for method in ("fasp", "wanda-sp", "flap", "magnitude", "random"):
         m = MAKERS[family]()
         rep = prune(m, random_tokens(4, 24), _cfg(sparsity=0.3, method=method, one_pass=method == "fasp"))
         assert rep.params_after < rep.params_before
@@ -302,3 +302,33 @@ def test_post_norm_opt_prunes_and_reloads(tmp_path):
     m2 = load_pruned(save_pruned(m, tmp_path / "p"))
     ev = random_tokens(2, 24, seed=3)
     assert torch.equal(logits(m2, ev), logits(m, ev))
+
+
+@pytest.mark.parametrize("method", ["flap", "fasp-intercept"])
+def test_bias_fitting_methods_add_biases_and_reload(family, method, tmp_path):
+    """FLAP's bias compensation and the intercept fit give bias-less projections (LLaMA) a bias;
+    load_pruned rebuilds it."""
+    m = MAKERS[family]()
+    cfg = _cfg(sparsity=0.3, method="flap") if method == "flap" else _cfg(sparsity=0.3, intercept=True)
+    prune(m, random_tokens(6, 24), cfg)
+    ad = adapter_for(m)
+    for b in ad.blocks(m):
+        assert ad.mlp_pair(b)[1].bias is not None and ad.value_pair(b)[1].bias is not None
+    ev = random_tokens(2, 24, seed=3)
+    m2 = load_pruned(save_pruned(m, tmp_path / "p"))
+    assert torch.equal(logits(m2, ev), logits(m, ev))
+
+
+def test_flap_bias_compensation_is_exact_for_constant_inputs():
+    """If a removed input is constant over tokens, FLAP's compensation makes its removal exact."""
+    from fasp_ext.pipeline import _restore
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 6, generator=g)
+    X[:, 2] = 3.0  # a constant channel
+    W = torch.randn(4, 6, generator=g)
+    st = Stats.new(6, "cpu")
+    st.add(X)
+    kept = torch.tensor([0, 1, 3, 4, 5])
+    Wn, bn, _ = _restore(W, None, st, kept, None, _cfg(method="flap"), restore=False)
+    torch.testing.assert_close(X[:, kept] @ Wn.t() + bn, X @ W.t(), rtol=1e-5, atol=1e-5)
