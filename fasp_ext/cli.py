@@ -150,7 +150,7 @@ def cmd_prune(args) -> int:
 def cmd_demo(args) -> int:
     evals = args.eval if args.eval is not None else ["austen:prideprejudice", "jargon"]
     if args.eval_windows is None:
-        args.eval_windows = 64
+        args.eval_windows = 32
     r = run_prune(args, "smollm2", "austen:emma", args.out, evals)
     print_summary(r)
     print(f"  saved to {args.out}; reload with fasp_ext.load_pruned({str(args.out)!r})")
