@@ -98,10 +98,11 @@ def worker(args) -> dict:
         out["seconds"] = time.perf_counter() - t
         out["phases"] = rep.times
         out["params_before"], out["params_after"] = rep.params_before, rep.params_after
+        out["peak_mib"] = peak_memory(args.device)  # before the perplexity check allocates logits
         if args.model == "smollm2" and args.eval_windows:
             win = data.eval_windows(tok, data.load_text("austen:prideprejudice"), 512, args.eval_windows)
             out["ppl_prideprejudice"] = data.perplexity(model.to(dev), win, device=dev, progress=False)
-    out["peak_mib"] = peak_memory(args.device)
+    out.setdefault("peak_mib", peak_memory(args.device))
     out["model_load_peak_mib"] = base_mem
     return out
 

@@ -290,10 +290,16 @@ def prune_mlp(adapter: Adapter, block: nn.Module, stats: Stats, cfg: PruneConfig
 @torch.no_grad()
 def _correct_outputs(outs: list[torch.Tensor], z_batches: list[torch.Tensor], kept, old: nn.Linear,
                      new: nn.Linear) -> list[torch.Tensor]:
-    """Block outputs after replacing the down projection: out + new(z[:, kept]) - old(z)."""
+    """Block outputs after replacing the down projection: out + z D^T + (b' - b), where
+    D = pad_kept(W') - W, so the change costs one GEMM the size of the old projection."""
+    D = -old.weight.float()
+    D[:, kept] += new.weight.float()
+    db = None
+    if new.bias is not None:
+        db = new.bias.float() - (old.bias.float() if old.bias is not None else 0.0)
     res = []
     for o, z in zip(outs, z_batches):
-        delta = new(z.index_select(-1, kept)).float() - old(z).float()
+        delta = torch.nn.functional.linear(z.float(), D, db)
         res.append((o.float() + delta.view(o.shape)).to(o.dtype))
     return res
 
