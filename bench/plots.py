@@ -25,8 +25,11 @@ def plot_inference(path: Path) -> Path:
     xs = [r["sparsity"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for key, label in (("prefill_speedup_b1", "prefill, batch 1"), ("prefill_speedup_b8", "prefill, batch 8"),
+                       ("forward_speedup_b1", "full-logits forward, batch 1"),
+                       ("forward_speedup_b8", "full-logits forward, batch 8"),
                        ("decode_speedup", "decode (KV cache)")):
-        ax.plot(xs, [r[key] for r in rows], marker="o", label=label)
+        if key in rows[0]:
+            ax.plot(xs, [r[key] for r in rows], marker="o", label=label)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("sparsity (MLP + value channels)")
     ax.set_ylabel("speed-up vs dense")

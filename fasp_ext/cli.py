@@ -31,7 +31,13 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--mlp-sparsity", type=float, default=None, help="override the MLP sparsity")
     p.add_argument("--attn-sparsity", type=float, default=None, help="override the value-channel sparsity")
     p.add_argument("--mlp-only", action="store_true", help="prune MLP neurons only")
-    p.add_argument("--method", default="fasp", help="fasp (default), wanda-sp, magnitude, random")
+    p.add_argument("--method", default="fasp", help="fasp (default), wanda-sp, flap, magnitude, random")
+    p.add_argument("--selection", default="score", choices=["score", "obs"],
+                   help="fasp: choose removed units by score (default) or by greedy least-squares cost (obs)")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "error", "flap"],
+                   help="per-block sparsity: uniform (default), by restored-error curves, or FLAP's ranking")
+    p.add_argument("--max-block-sparsity", type=float, default=None,
+                   help="with non-uniform allocation, the most any block loses (default: 2x sparsity, <= 0.9)")
     p.add_argument("--damp", default=None,
                    help="ridge damping of the restoration (default 0.1), or 'auto' (chosen per matrix on held-out samples)")
     p.add_argument("--intercept", action="store_true", help="also fit a bias shift where the projection has a bias")
@@ -56,7 +62,8 @@ def _config_from(args):
 
     cfg = PruneConfig(sparsity=args.sparsity, mlp_sparsity=args.mlp_sparsity, attn_sparsity=args.attn_sparsity,
                       mlp_only=args.mlp_only, method=args.method, intercept=args.intercept, one_pass=args.one_pass,
-                      mlp_multiple=args.mlp_multiple, attn_multiple=args.attn_multiple,
+                      mlp_multiple=args.mlp_multiple, attn_multiple=args.attn_multiple, selection=args.selection,
+                      allocation=args.allocation, max_block_sparsity=args.max_block_sparsity,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet)
     if args.damp is not None:
         cfg.damp = _parse_damp(args.damp)

@@ -49,7 +49,7 @@ class PruneConfig:
     #: kept value channels per kv head rounded to a multiple of this
     attn_multiple: int = 1
     #: selection method: fasp (score + restore), wanda-sp (score only), flap (fluctuation score +
-    #: bias compensation, uniform allocation), magnitude, random
+    #: bias compensation), magnitude, random
     method: str = "fasp"
     #: ridge damping of the restoration, relative to mean(diag H[S, S]); "auto" picks it per matrix
     #: from held-out calibration samples (every ``val_every``-th one) over ``damp_grid``
@@ -66,6 +66,17 @@ class PruneConfig:
     batch_size: int = 8
     #: compute device (None: the model's device)
     device: str | None = None
+    #: which units go, for method fasp: "score" (the FASP score, default) or "obs" (greedy removal by
+    #: the exact increase of the restored error, with Optimal Brain Surgeon updates; fasp_ext/selection.py)
+    selection: str = "score"
+    #: how many units each block keeps: "uniform" (default), "error" (by each block's restored-error
+    #: curve) or "flap" (FLAP's standardised fluctuation scores ranked across blocks); same total per
+    #: structure. Non-uniform allocation costs one extra dense pass (fasp_ext/allocation.py)
+    allocation: str = "uniform"
+    #: most any one block may lose under non-uniform allocation (None: twice the sparsity, at most 0.9)
+    max_block_sparsity: float | None = None
+    #: calibration windows the allocation's dense pass uses (the first ones; 0: all)
+    allocation_samples: int = 32
     #: seed for the random method and any sampling
     seed: int = 0
     #: keep the W2 inputs in memory to correct block outputs instead of a third pass, up to this many bytes
@@ -82,9 +93,22 @@ class PruneConfig:
                 raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if int(self.allocation_samples) < 0:
+            raise ValueError(f"allocation_samples must be >= 0, got {self.allocation_samples!r}")
         for name in ("mlp_multiple", "attn_multiple", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.selection not in ("score", "obs"):
+            raise ValueError(f"selection must be 'score' or 'obs', got {self.selection!r}")
+        if self.selection == "obs" and self.method != "fasp":
+            raise ValueError(f"selection='obs' needs method 'fasp' (it uses the restoration), got {self.method!r}")
+        from .allocation import ALLOCATIONS
+
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        mbs = self.max_block_sparsity
+        if mbs is not None and (not isinstance(mbs, (int, float)) or not (0.0 < float(mbs) < 1.0)):
+            raise ValueError(f"max_block_sparsity must be a number in (0, 1), got {mbs!r}")
         if self.damp != "auto" and (not isinstance(self.damp, (int, float)) or not (self.damp >= 0.0)
                                     or math.isinf(self.damp)):
             raise ValueError(f"damp must be 'auto' or a finite number >= 0, got {self.damp!r}")
@@ -156,9 +180,15 @@ class _Timer:
 
 
 # ----------------------------------------------------------------------------- selection + restore
-def _select(method: str, W: torch.Tensor, stats: Stats, k: int, groups, segments: int,
+def _select(cfg: PruneConfig, W: torch.Tensor, stats: Stats, k: int, groups, segments: int,
             gen: torch.Generator) -> torch.Tensor:
-    """Kept unit indices (ascending) by ``method``; units are columns or rows of ``groups``."""
+    """Kept unit indices (ascending) by ``cfg.method``; units are columns or rows of ``groups``."""
+    method = cfg.method
+    if method == "fasp" and cfg.selection == "obs":
+        from .selection import obs_select
+
+        damp = cfg.damp if isinstance(cfg.damp, (int, float)) else 0.1
+        return obs_select(W, stats.H, k, groups, segments, damp=damp).to(W.device)
     if method in ("fasp", "wanda-sp"):
         return ops.score_select(W, stats.s, k, groups, segments)
     if method == "magnitude":  # column L2 norm of W2 (activations ignored)
@@ -245,23 +275,31 @@ def _set_linear(lin: nn.Linear, W: torch.Tensor, bias: torch.Tensor | None) -> n
     return new
 
 
+def value_groups(n: int, kv: int, dv: int, device) -> torch.Tensor:
+    """(kv * dv, n / kv) o_proj columns per value channel: group (g, c) = channel c of kv head g =
+    columns (g * rep + r) * dv + c for the rep = n / kv query heads sharing kv head g."""
+    rep = n // kv
+    g = torch.arange(kv, device=device).view(kv, 1, 1)
+    c = torch.arange(dv, device=device).view(1, dv, 1)
+    r = torch.arange(rep, device=device).view(1, 1, rep)
+    return ((g * rep + r) * dv + c).reshape(kv * dv, rep)
+
+
 def prune_values(adapter: Adapter, block: nn.Module, config, stats: Stats, cfg: PruneConfig,
-                 gen: torch.Generator) -> dict:
-    """Remove value channels of ``block`` (equal count per kv head) and restore the output projection."""
+                 gen: torch.Generator, keep_per_head: int | None = None) -> dict:
+    """Remove value channels of ``block`` (equal count per kv head) and restore the output projection.
+    ``keep_per_head``: kept channels per kv head (None: from the configured sparsity)."""
     v, o = adapter.value_pair(block)
     n, kv, _ = adapter.head_geometry(config)
     dv = v.out_features // kv
     rep = n // kv
-    keep_per_head = kept_count(dv, cfg.attn_fraction, cfg.attn_multiple)
+    if keep_per_head is None:
+        keep_per_head = kept_count(dv, cfg.attn_fraction, cfg.attn_multiple)
     if keep_per_head == dv:
         return {"v_head_dim": dv}
     dev = o.weight.device
-    # group (g, c) = value channel c of kv head g = o_proj columns (g*rep + r)*dv + c, r < rep
-    g = torch.arange(kv, device=dev).view(kv, 1, 1)
-    c = torch.arange(dv, device=dev).view(1, dv, 1)
-    r = torch.arange(rep, device=dev).view(1, 1, rep)
-    groups = ((g * rep + r) * dv + c).reshape(kv * dv, rep)
-    kept_groups = _select(cfg.method, o.weight, stats, kv * keep_per_head, groups, kv, gen)
+    groups = value_groups(n, kv, dv, dev)
+    kept_groups = _select(cfg, o.weight, stats, kv * keep_per_head, groups, kv, gen)
     kept_cols = torch.sort(groups[kept_groups].reshape(-1)).values
     col_const = None
     if v.bias is not None:  # o_proj input column (h, c) carries v.bias[g(h)*dv + c] as a constant
@@ -273,14 +311,16 @@ def prune_values(adapter: Adapter, block: nn.Module, config, stats: Stats, cfg: 
 
 
 def prune_mlp(adapter: Adapter, block: nn.Module, stats: Stats, cfg: PruneConfig,
-              gen: torch.Generator) -> tuple[dict, tuple | None]:
-    """Remove MLP neurons and restore the down projection; returns the report and (kept, W_old, b_old, new out)."""
+              gen: torch.Generator, k: int | None = None) -> tuple[dict, tuple | None]:
+    """Remove MLP neurons and restore the down projection, keeping ``k`` (None: from the configured
+    sparsity); returns the report and (kept, old projection, new projection)."""
     ins, out = adapter.mlp_pair(block)
     m = out.in_features
-    k = kept_count(m, cfg.mlp_fraction, cfg.mlp_multiple)
+    if k is None:
+        k = kept_count(m, cfg.mlp_fraction, cfg.mlp_multiple)
     if k == m:
         return {"mlp_width": m}, None
-    kept = _select(cfg.method, out.weight, stats, k, None, 1, gen)
+    kept = _select(cfg, out.weight, stats, k, None, 1, gen)
     Wn, bn, info = _restore(out.weight, out.bias, stats, kept, None, cfg, cfg.method == "fasp")
     new_out = _set_linear(out, Wn, bn)
     adapter.set_mlp_pair(block, [_shrink_linear(l, rows=kept) for l in ins], new_out)
@@ -347,6 +387,15 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
         inputs = capture_block_inputs(model, blocks, tokens, cfg.batch_size, device)
     prune_attn = cfg.attn_fraction > 0
     prune_mlp_ = cfg.mlp_fraction > 0
+    keeps = [{"v_keep": None, "mlp_keep": None} for _ in blocks]
+    if cfg.allocation != "uniform" and (prune_attn or prune_mlp_):
+        from .allocation import plan
+
+        n_alloc = int(cfg.allocation_samples) or tokens.shape[0]
+        with timer("capture"):
+            sub = capture_block_inputs(model, blocks, tokens[:n_alloc], cfg.batch_size, device)
+        keeps = plan(adapter, blocks, mcfg, sub, cfg, device, timer)
+        del sub
     need_gram = cfg.method == "fasp"
     val_every = int(cfg.val_every) if cfg.damp == "auto" else 0
     z_bytes = tokens.numel() * adapter.mlp_width(blocks[0]) * next(model.parameters()).element_size()
@@ -363,7 +412,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
         info: dict = {"block": i}
         if cfg.one_pass:
             info.update(_one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, prune_mlp_,
-                                        need_gram, val_every))
+                                        need_gram, val_every, keeps[i]))
             report.blocks.append(info)
             blocks[i] = block.to(home)
             continue
@@ -374,7 +423,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
                 run_block(block, inputs, keep_outputs=False)
             h.remove()
             with timer("solve_attention"):
-                info.update(prune_values(adapter, block, mcfg, st, cfg, gen))
+                info.update(prune_values(adapter, block, mcfg, st, cfg, gen, keeps[i]["v_keep"]))
             del st
         else:
             info["v_head_dim"] = adapter.value_head_dim(block, mcfg)
@@ -386,7 +435,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
                 outs = run_block(block, inputs, keep_outputs=True)
             h.remove()
             with timer("solve_mlp"):
-                rep, change = prune_mlp(adapter, block, st, cfg, gen)
+                rep, change = prune_mlp(adapter, block, st, cfg, gen, keeps[i]["mlp_keep"])
             info.update(rep)
             with timer("propagate"):
                 if change is None:
@@ -412,7 +461,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
 
 
 def _one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, prune_mlp_, need_gram,
-                    val_every) -> dict:
+                    val_every, keep) -> dict:
     """Both statistics from one dense forward of the block; the next block sees the dense output."""
     info: dict = {}
     hooks, st_o, st_d = [], None, None
@@ -430,9 +479,9 @@ def _one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, p
         h.remove()
     with timer("solve"):
         if st_o is not None:
-            info.update(prune_values(adapter, block, mcfg, st_o, cfg, gen))
+            info.update(prune_values(adapter, block, mcfg, st_o, cfg, gen, keep["v_keep"]))
         if st_d is not None:
-            info.update(prune_mlp(adapter, block, st_d, cfg, gen)[0])
+            info.update(prune_mlp(adapter, block, st_d, cfg, gen, keep["mlp_keep"])[0])
     inputs.hidden[:] = outs
     return info
 

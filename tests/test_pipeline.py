@@ -165,6 +165,30 @@ def test_save_load_identical_logits(family, tmp_path):
     assert count_params(m2) == count_params(m)
 
 
+def test_narrow_value_heads_take_the_fused_sdpa_path(family, monkeypatch):
+    """Value heads narrower than q/k heads: SDPA must see equal head sizes (fused kernel) and give
+    the same logits and the same greedy continuation (KV cache) as eager attention."""
+    m = MAKERS[family]()
+    prune(m, random_tokens(4, 24), _cfg(sparsity=0.25))
+    assert adapter_for(m).value_head_dim(adapter_for(m).blocks(m)[0], m.config) < 16
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.shape[-1], k.shape[-1], v.shape[-1]))
+        return sdpa(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ev = random_tokens(2, 24, seed=3)
+    m.config._attn_implementation = "sdpa"
+    out_sdpa = logits(m, ev)
+    gen_sdpa = m.generate(ev[:1, :8], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert seen and all(len(set(s)) == 1 for s in seen)
+    m.config._attn_implementation = "eager"
+    torch.testing.assert_close(out_sdpa, logits(m, ev), rtol=1e-4, atol=1e-4)
+    assert torch.equal(gen_sdpa, m.generate(ev[:1, :8], max_new_tokens=6, do_sample=False, pad_token_id=0))
+
+
 def test_mlp_only_reloads_with_plain_transformers(family, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -39,6 +39,25 @@ def empty_linear_like(lin: nn.Linear, in_features: int, out_features: int) -> nn
                      device=lin.weight.device, dtype=lin.weight.dtype)
 
 
+def attend(attn: nn.Module, interface, q, k, v, attention_mask, **kwargs):
+    """Run the attention ``interface`` on value heads narrower than the query/key heads.
+
+    Fused kernels (the CPU flash path of SDPA, FlashAttention) need equal head sizes and otherwise
+    fall back to a slow unfused path (3x slower on CPU). For any implementation but eager, ``v`` is
+    zero-padded to the query/key head size and the padded output columns are dropped: the extra
+    columns of softmax(QK^T)V are exactly zero, so the result is the same. The KV cache keeps the
+    narrow values (callers pad after the cache update).
+    """
+    dv, d = v.shape[-1], k.shape[-1]
+    pad = dv < d and attn.config._attn_implementation != "eager"
+    if pad:
+        v = torch.nn.functional.pad(v, (0, d - dv))
+    out, weights = interface(attn, q, k, v, attention_mask, **kwargs)
+    if pad:
+        out = out[..., :dv]
+    return out, weights
+
+
 class Adapter:
     """Base class: subclasses fill in the attribute names and the pruned-value attention forward."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .base import Adapter
+from .base import Adapter, attend
 
 
 class LlamaAdapter(Adapter):
@@ -40,9 +40,9 @@ class LlamaAdapter(Adapter):
         extra = {}
         if getattr(self, "sliding_window", None) is not None:
             extra["sliding_window"] = self.sliding_window
-        out, weights = interface(self, q, k, v, attention_mask,
-                                 dropout=0.0 if not self.training else self.attention_dropout,
-                                 scaling=self.scaling, **extra, **kwargs)
+        out, weights = attend(self, interface, q, k, v, attention_mask,
+                              dropout=0.0 if not self.training else self.attention_dropout,
+                              scaling=self.scaling, **extra, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
         return self.o_proj(out), weights
 

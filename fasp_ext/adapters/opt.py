@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .base import Adapter
+from .base import Adapter, attend
 
 
 class OPTAdapter(Adapter):
@@ -40,7 +40,7 @@ class OPTAdapter(Adapter):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, weights = interface(self, q, k, v, attention_mask,
-                                 dropout=0.0 if not self.training else self.dropout, scaling=1.0, **kwargs)
+        out, weights = attend(self, interface, q, k, v, attention_mask,
+                              dropout=0.0 if not self.training else self.dropout, scaling=1.0, **kwargs)
         out = out.reshape(bsz, tgt_len, -1).contiguous()
         return self.out_proj(out), weights

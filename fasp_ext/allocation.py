@@ -1,0 +1,170 @@
+"""Non-uniform allocation: how many units each block keeps, for the same total as uniform pruning.
+
+One dense pass over the calibration set (statistics for every block from the dense model's own
+activations, as in one-pass mode) gives each block and structure (value channels, MLP neurons) a
+cost for every removal step; a greedy pass then removes, across all blocks of a structure, the
+cheapest step until the structure's total kept count equals what uniform pruning would keep. The
+budget is per structure, so ``mlp_sparsity``/``attn_sparsity`` still hold overall.
+
+Costs:
+
+- ``"error"``: the restored calibration error of the projection at each kept count, from one greedy
+  OBS run per matrix (fasp_ext/selection.py), relative to the projection's dense output energy
+  tr(W H W^T): a block whose units are redundant (its error stays low) gives up more. (Measured
+  against the residual stream's energy instead, the allocation followed SmolLM2's massive
+  activations and emptied whole runs of blocks; see bench/results/options30_smollm2.md.)
+
+The dense pass uses the first ``allocation_samples`` calibration windows only: the curves need far
+less data than the restoration, and the pass then costs a fraction of a calibration forward.
+- ``"flap"``: FLAP's adaptive structure (An et al., 2024): the fluctuation score of each unit,
+  standardised per block (mean 0, std 1), ranked across blocks.
+
+A block keeps at least ``1 - max_block_sparsity`` of each structure (default: removes at most twice
+the structure's overall sparsity, and never more than 90 %).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from .calibration import Stats, collect, run_block
+
+ALLOCATIONS = ("uniform", "error", "flap")
+
+
+def _steps(full: int, lowest: int, step: int) -> list[int]:
+    """Allowed kept counts from ``full`` down to ``lowest`` in multiples of ``step`` (full included)."""
+    ks = [full]
+    k = (full // step) * step
+    if k == full:
+        k -= step
+    while k >= max(lowest, step):
+        ks.append(k)
+        k -= step
+    return ks
+
+
+def greedy_budget(costs: list[list[float]], counts: list[list[int]], budget: int) -> list[int]:
+    """Per block, the index into ``counts[b]`` reached by removing the cheapest next step of any
+    block until sum of kept counts <= ``budget``. ``costs[b][j]`` is the cost of going from
+    counts[b][j] to counts[b][j + 1]."""
+    pos = [0] * len(counts)
+    total = sum(c[0] for c in counts)
+    heap = [(costs[b][0], b) for b in range(len(counts)) if len(counts[b]) > 1]
+    heapq.heapify(heap)
+    while total > budget and heap:
+        _, b = heapq.heappop(heap)
+        j = pos[b]
+        total -= counts[b][j] - counts[b][j + 1]
+        pos[b] = j + 1
+        if j + 2 < len(counts[b]):
+            heapq.heappush(heap, (costs[b][j + 1], b))
+    return pos
+
+
+def _error_costs(W, stats: Stats, ks: list[int], groups, segments: int, damp: float) -> list[float]:
+    from .selection import obs_select
+
+    units = W.shape[1] if groups is None else groups.shape[0]
+    scale = units // ks[0]  # counts are per segment (value channels) or per column (MLP)
+    _, (ck, ce) = obs_select(W, stats.H, ks[-1] * scale, groups, segments, damp=damp, return_curve=True)
+    ck = torch.tensor(ck[::-1], dtype=torch.float64)  # ascending kept counts
+    ce = torch.tensor(ce[::-1], dtype=torch.float64)
+    energy = max(float((W.double() @ stats.H.double() * W.double()).sum()), 1e-30)
+    err = [float(_interp(ck, ce, k * scale)) / energy for k in ks]
+    return [max(b - a, 0.0) for a, b in zip(err, err[1:])]
+
+
+def _interp(x: torch.Tensor, y: torch.Tensor, x0: float) -> float:
+    i = int(torch.searchsorted(x, torch.tensor(float(x0), dtype=x.dtype)))
+    if i < len(x) and x[i] == x0:
+        return float(y[i])
+    i = min(max(i, 1), len(x) - 1)
+    t = (x0 - x[i - 1]) / (x[i] - x[i - 1])
+    return float(y[i - 1] + t * (y[i] - y[i - 1]))
+
+
+def _flap_costs(W, stats: Stats, ks: list[int], groups, segments: int) -> list[float]:
+    n = max(stats.n, 1)
+    var = (stats.s / n - (stats.mu / n) ** 2).clamp_min(0)
+    score = var * W.float().pow(2).sum(0)
+    if groups is not None:
+        score = score[groups].sum(1)
+    score = (score - score.mean()) / score.std().clamp_min(1e-30)
+    per_seg = score.view(segments, -1).sort(1).values  # ascending within each segment
+    costs = []
+    for a, b in zip(ks, ks[1:]):  # removing kept counts a -> b drops ranks (full - a) .. (full - b) - 1
+        lo, hi = ks[0] - a, ks[0] - b
+        costs.append(float(per_seg[:, lo:hi].mean()))
+    return costs
+
+
+@torch.no_grad()
+def plan(adapter, blocks, mcfg, inputs, cfg, device, timer) -> list[dict]:
+    """Per block ``{"v_keep": kept value channels per kv head or None, "mlp_keep": kept MLP width or None}``.
+
+    Runs the blocks densely over ``inputs`` (whose hidden states it overwrites with the dense outputs).
+    """
+    from .pipeline import kept_count
+
+    home = next(blocks[0].parameters()).device
+    attn_f, mlp_f = cfg.attn_fraction, cfg.mlp_fraction
+    kind = cfg.allocation
+    need_gram = kind == "error"
+    damp = cfg.damp if isinstance(cfg.damp, (int, float)) else 0.1
+    per_block = []  # (attn (ks, costs) | None, mlp (ks, costs) | None)
+    for i in range(len(blocks)):
+        block = blocks[i].to(device)
+        hooks, st_o, st_d = [], None, None
+        if attn_f > 0:
+            st_o = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram)
+            hooks.append(collect(adapter.value_pair(block)[1], st_o))
+        if mlp_f > 0:
+            st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, device, need_gram)
+            hooks.append(collect(adapter.mlp_pair(block)[1], st_d))
+        with timer("allocation_forward"):
+            outs = run_block(block, inputs, keep_outputs=True)
+        for h in hooks:
+            h.remove()
+        inputs.hidden[:] = outs
+        entry = []
+        with timer("allocation_costs"):
+            for st, frac, which in ((st_o, attn_f, "attn"), (st_d, mlp_f, "mlp")):
+                if st is None:
+                    entry.append(None)
+                    continue
+                if which == "attn":
+                    from .pipeline import value_groups
+
+                    v, o = adapter.value_pair(block)
+                    n, kv, _ = adapter.head_geometry(mcfg)
+                    full, step, W = v.out_features // kv, cfg.attn_multiple, o.weight
+                    groups, segments = value_groups(n, kv, full, W.device), kv
+                else:
+                    full, step, W = adapter.mlp_width(block), cfg.mlp_multiple, adapter.mlp_pair(block)[1].weight
+                    groups, segments = None, 1
+                cap = cfg.max_block_sparsity if cfg.max_block_sparsity is not None else min(0.9, 2.0 * frac)
+                lowest = kept_count(full, min(cap, 1.0 - 1.0 / full), step)
+                ks = _steps(full, lowest, step)
+                if len(ks) < 2:
+                    entry.append((ks, []))
+                    continue
+                if kind == "error":
+                    costs = _error_costs(W, st, ks, groups, segments, damp)
+                else:
+                    costs = _flap_costs(W, st, ks, groups, segments)
+                entry.append((ks, costs))
+        per_block.append(entry)
+        blocks[i] = block.to(home)
+    result = [{"v_keep": None, "mlp_keep": None} for _ in blocks]
+    for idx, key, frac, mult in ((0, "v_keep", attn_f, cfg.attn_multiple), (1, "mlp_keep", mlp_f, cfg.mlp_multiple)):
+        rows = [e[idx] for e in per_block]
+        if frac <= 0 or rows[0] is None:
+            continue
+        budget = sum(kept_count(ks[0], frac, mult) for ks, _ in rows)
+        pos = greedy_budget([c for _, c in rows], [ks for ks, _ in rows], budget)
+        for b, (ks, _) in enumerate(rows):
+            result[b][key] = ks[pos[b]]
+    return result

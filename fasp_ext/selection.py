@@ -1,0 +1,109 @@
+"""Error-aware selection: greedy removal by exact least-squares cost (Optimal Brain Surgeon, structured).
+
+FASP's default selection ranks units by a score (activation norm x column weight mass) that sees
+each unit alone. Two correlated units can both score high although one of them is redundant once
+the other is kept and the weights are restored. ``obs_select`` removes units greedily by the exact
+increase of the restored calibration error,
+
+    cost(U) = tr( W[:, U] (Hinv[U, U])^-1 W[:, U]^T ),   Hinv = (H + lam I)^-1,
+
+and after each removal applies the Optimal Brain Surgeon update to W and Hinv, so the next cost is
+computed with the surviving units already re-fitted (DESIGN.md 1.2: the same damped objective the
+restoration solves). Removed columns become exact zeros of W and of Hinv.
+
+The running sum of the chunk costs is the restored error at every kept count, which makes the
+greedy run also the error curve ``err(k)`` that non-uniform allocation needs (fasp_ext/allocation.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _segment_quota(G: int, k: int, segments: int) -> tuple[torch.Tensor, int]:
+    if G % segments or k % segments:
+        raise ValueError(f"obs_select: {G} units and k={k} must both divide into {segments} segments")
+    per = G // segments
+    return torch.arange(G) // per, per - k // segments
+
+
+@torch.no_grad()
+def obs_select(W: torch.Tensor, H: torch.Tensor, k: int, groups: torch.Tensor | None = None,
+               segments: int = 1, damp: float = 0.1, chunk: int | None = None,
+               return_curve: bool = False):
+    """Kept unit indices (ascending, int64) after greedily removing ``G - k`` units of ``W`` (out, m).
+
+    ``groups`` (G, r): unit g is the columns ``groups[g]`` (None: unit g is column g). With
+    ``segments`` > 1 the units form that many equal contiguous segments and each keeps k/segments.
+    ``damp`` is relative to mean(diag H), as in the restoration. ``chunk`` units are removed per
+    OBS update (None: about 64 updates in all; 1 is the exact one-at-a-time greedy).
+    With ``return_curve``, also returns ``(kept_counts, errors)``: the restored (damped) error
+    tr(dW (H + lam I) dW^T) after each update, starting with (G, 0).
+    """
+    if W.dim() != 2 or H.dim() != 2 or H.shape[0] != H.shape[1] or H.shape[0] != W.shape[1]:
+        raise ValueError(f"obs_select: W (out, m) and H (m, m) do not match: {tuple(W.shape)}, {tuple(H.shape)}")
+    m = W.shape[1]
+    dev = W.device
+    units = (torch.arange(m, device=dev).view(m, 1) if groups is None else groups.to(dev)).long()
+    G, r = units.shape
+    if not 0 <= k <= G:
+        raise ValueError(f"obs_select: k must be in [0, {G}], got {k}")
+    seg_of, quota = _segment_quota(G, k, segments)
+    seg_of = seg_of.to(dev)
+    left = torch.full((segments,), quota, dtype=torch.long, device=dev)
+    Wd = W.detach().double().clone()
+    Hd = H.detach().double()
+    lam = float(damp) * float(Hd.diagonal().mean().clamp_min(1e-30))
+    Hd = Hd + lam * torch.eye(m, dtype=torch.float64, device=dev)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info) != 0:  # not positive definite even after damping: fall back to a pseudo-inverse
+        Hinv = torch.linalg.pinv(Hd, hermitian=True)
+    else:
+        Hinv = torch.cholesky_inverse(L)
+    alive = torch.ones(G, dtype=torch.bool, device=dev)
+    n_remove = G - k
+    if chunk is None:
+        chunk = max(1, -(-n_remove // 64))
+    curve_k, curve_e, err = [G], [0.0], 0.0
+    removed = 0
+    while removed < n_remove:
+        # cost of each alive unit alone: tr(W_U (Hinv_UU)^-1 W_U^T)
+        Wu = Wd[:, units]                                   # (out, G, r)
+        Hu = Hinv[units.unsqueeze(2), units.unsqueeze(1)]   # (G, r, r)
+        if r == 1:
+            cost = Wu[:, :, 0].pow(2).sum(0) / Hu[:, 0, 0].clamp_min(1e-300)
+        else:
+            Hu = Hu + 1e-12 * torch.eye(r, dtype=Hu.dtype, device=dev)
+            cost = torch.einsum("ogi,gij,ogj->g", Wu, torch.linalg.inv(Hu), Wu)
+        eligible = alive & (left[seg_of] > 0)
+        cost = torch.where(eligible, cost, torch.full_like(cost, float("inf")))
+        order = torch.argsort(cost, stable=True)
+        take, used = [], torch.zeros_like(left)
+        for u in order.tolist():
+            if len(take) >= min(chunk, n_remove - removed) or not bool(eligible[u]):
+                break
+            sgm = int(seg_of[u])
+            if used[sgm] < left[sgm]:
+                take.append(u)
+                used[sgm] += 1
+        take_t = torch.tensor(take, dtype=torch.long, device=dev)
+        cols = units[take_t].reshape(-1)
+        Hcc = Hinv[cols][:, cols]
+        Hcc_inv = torch.linalg.pinv(Hcc, hermitian=True)
+        Wc = Wd[:, cols]
+        err += float((Wc @ Hcc_inv * Wc).sum())
+        # OBS update: the surviving columns absorb the removed ones; removed rows/cols become 0
+        Wd -= Wc @ Hcc_inv @ Hinv[cols]
+        Hinv -= Hinv[:, cols] @ Hcc_inv @ Hinv[cols]
+        Wd[:, cols] = 0.0
+        Hinv[cols] = 0.0
+        Hinv[:, cols] = 0.0
+        alive[take_t] = False
+        left -= used
+        removed += len(take)
+        curve_k.append(G - removed)
+        curve_e.append(err)
+    kept = torch.nonzero(alive).flatten()
+    if return_curve:
+        return kept, (curve_k, curve_e)
+    return kept

@@ -1,0 +1,120 @@
+"""Non-uniform allocation across blocks: budget, optimality of the greedy, reload, options."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from fasp_ext.adapters import adapter_for
+from fasp_ext.allocation import _steps, greedy_budget
+from fasp_ext.io import load_pruned, save_pruned
+from fasp_ext.pipeline import PruneConfig, kept_count, prune
+from tiny_models import random_tokens, tiny_llama, tiny_opt
+
+MAKERS = {"llama-gqa": tiny_llama, "opt": tiny_opt}
+
+
+def test_steps():
+    assert _steps(96, 48, 8) == [96, 88, 80, 72, 64, 56, 48]
+    assert _steps(100, 80, 8) == [100, 96, 88, 80]
+    assert _steps(16, 1, 1)[-1] == 1 and len(_steps(16, 1, 1)) == 16
+
+
+def test_greedy_budget_is_optimal_for_convex_costs():
+    g = torch.Generator().manual_seed(0)
+    counts = [[10, 8, 6, 4, 2]] * 4
+    for trial in range(5):
+        costs = [sorted(torch.rand(4, generator=g).tolist()) for _ in range(4)]  # increasing = convex
+        budget = 24
+        pos = greedy_budget(costs, counts, budget)
+        assert sum(counts[b][p] for b, p in enumerate(pos)) <= budget
+        got = sum(sum(costs[b][:p]) for b, p in enumerate(pos))
+        best = min(sum(sum(costs[b][:p]) for b, p in enumerate(ps))
+                   for ps in itertools.product(range(5), repeat=4)
+                   if sum(counts[b][p] for b, p in enumerate(ps)) <= budget)
+        assert got == pytest.approx(best)
+
+
+def _with_redundant_mlp(m, block: int):
+    """Half of ``block``'s MLP neurons become copies of the other half: removing copies costs
+    (almost) nothing once the down projection is restored."""
+    ad = adapter_for(m)
+    with torch.no_grad():
+        ins, _ = ad.mlp_pair(ad.blocks(m)[block])
+        h = ad.mlp_width(ad.blocks(m)[block]) // 2
+        for lin in ins:
+            lin.weight[h:] = lin.weight[:h]
+            if lin.bias is not None:
+                lin.bias[h:] = lin.bias[:h]
+    return m
+
+
+@pytest.mark.parametrize("family", list(MAKERS))
+@pytest.mark.parametrize("allocation", ["error", "flap"])
+def test_allocation_keeps_the_uniform_total_and_reloads(family, allocation, tmp_path):
+    m = MAKERS[family]()
+    ad = adapter_for(m)
+    full_mlp = ad.mlp_width(ad.blocks(m)[0])
+    _, kv, hd = ad.head_geometry(m.config)
+    rep = prune(m, random_tokens(8, 24), PruneConfig(sparsity=0.25, allocation=allocation, progress=False))
+    widths = [b["mlp_width"] for b in rep.blocks]
+    vdims = [b["v_head_dim"] for b in rep.blocks]
+    n_blocks = len(widths)
+    assert sum(widths) == n_blocks * kept_count(full_mlp, 0.25, 8)
+    assert sum(vdims) == n_blocks * kept_count(hd, 0.25, 1)
+    assert all(w % 8 == 0 and w >= kept_count(full_mlp, 0.5, 8) for w in widths)
+    assert "allocation_forward" in rep.times
+    ev = random_tokens(2, 24, seed=3)
+    m2 = load_pruned(save_pruned(m, tmp_path / "p"))
+    with torch.no_grad():
+        assert torch.equal(m2(ev).logits, m(ev).logits)
+
+
+def test_error_allocation_prunes_a_redundant_block_more():
+    # LLaMA only: the tiny random OPT's ReLU MLP inputs are dominated by their mean (random biases,
+    # 0.02-std weights), so every neuron there is already nearly redundant and copies change little
+    toks = random_tokens(8, 24)
+    cfg = dict(sparsity=0.25, allocation="error", damp=0.01, mlp_only=True, progress=False)
+    plain = prune(tiny_llama(), toks, PruneConfig(**cfg))
+    dup = prune(_with_redundant_mlp(tiny_llama(), 1), toks, PruneConfig(**cfg))
+    assert dup.blocks[1]["mlp_width"] < plain.blocks[1]["mlp_width"]
+
+
+def test_uniform_allocation_is_the_default_path():
+    a, b = tiny_llama(), tiny_llama()
+    toks = random_tokens(4, 24)
+    prune(a, toks, PruneConfig(sparsity=0.25, progress=False))
+    prune(b, toks, PruneConfig(sparsity=0.25, allocation="uniform", max_block_sparsity=0.3, progress=False))
+    ev = random_tokens(2, 24, seed=3)
+    with torch.no_grad():
+        assert torch.equal(a(ev).logits, b(ev).logits)
+
+
+@pytest.mark.parametrize("family", list(MAKERS))
+def test_obs_selection_runs_and_lowers_error(family):
+    toks = random_tokens(8, 24)
+    errs = {}
+    for sel in ("score", "obs"):
+        m = MAKERS[family]()
+        rep = prune(m, toks, PruneConfig(sparsity=0.3, selection=sel, progress=False))
+        assert all(b["mlp_solver"]["path"] != "none" for b in rep.blocks)
+        errs[sel] = m
+    ev = random_tokens(4, 24, seed=5)
+    with torch.no_grad():
+        d = MAKERS[family]()(ev).logits
+        e_score = (errs["score"](ev).logits - d).pow(2).mean()
+        e_obs = (errs["obs"](ev).logits - d).pow(2).mean()
+    assert torch.isfinite(e_obs) and e_obs < 2 * e_score
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"selection": "best"}, "selection must be"),
+    ({"selection": "obs", "method": "wanda-sp"}, "needs method 'fasp'"),
+    ({"allocation": "owl"}, "allocation must be"),
+    ({"max_block_sparsity": 1.0}, "max_block_sparsity"),
+])
+def test_bad_options(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        PruneConfig(**kw).validate()

@@ -1,0 +1,113 @@
+"""Error-aware (OBS) selection against a brute-force greedy on the damped least-squares objective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasp_ext import reference
+from fasp_ext.selection import obs_select
+
+
+def _problem(out=5, m=12, n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, m, generator=g, dtype=torch.float64) @ torch.randn(m, m, generator=g, dtype=torch.float64)
+    W = torch.randn(out, m, generator=g, dtype=torch.float64)
+    return W, X.T @ X
+
+
+def _error(W, Hd, cols):
+    """tr(W Hd W^T) - tr(W Hd[:, S] Hd[S, S]^-1 Hd[S, :] W^T): the damped restored error."""
+    full = (W @ Hd * W).sum()
+    if len(cols) == 0:
+        return float(full)
+    B = W @ Hd[:, cols]
+    return float(full - (B @ torch.linalg.solve(Hd[cols][:, cols], B.T)).trace())
+
+
+def _brute_greedy(W, H, k, groups, segments, damp):
+    m = W.shape[1]
+    Hd = H + damp * H.diagonal().mean() * torch.eye(m, dtype=H.dtype)
+    units = torch.arange(m).view(m, 1) if groups is None else groups
+    G = units.shape[0]
+    per = G // segments
+    alive = list(range(G))
+    quota = {s: per - k // segments for s in range(segments)}
+    while len(alive) > k:
+        best, best_e = None, None
+        for u in alive:
+            if quota[u // per] == 0:
+                continue
+            rest = [v for v in alive if v != u]
+            cols = units[rest].reshape(-1).sort().values if rest else torch.empty(0, dtype=torch.long)
+            e = _error(W, Hd, cols)
+            if best_e is None or e < best_e - 1e-12:
+                best, best_e = u, e
+        alive.remove(best)
+        quota[best // per] -= 1
+    return torch.tensor(sorted(alive)), Hd
+
+
+@pytest.mark.parametrize("k", [0, 3, 7, 11, 12])
+@pytest.mark.parametrize("damp", [0.0, 0.1])
+def test_one_at_a_time_equals_brute_force_greedy(k, damp):
+    W, H = _problem()
+    kept, (ks, errs) = obs_select(W.float(), H.float(), k, damp=damp, chunk=1, return_curve=True)
+    ref, Hd = _brute_greedy(W, H, k, None, 1, damp)
+    assert torch.equal(kept, ref)
+    # the curve's last point is the exact restored error of the kept set
+    assert ks[-1] == k
+    assert errs[-1] == pytest.approx(_error(W, Hd, ref), rel=1e-3, abs=1e-3)
+    assert all(b >= a - 1e-9 for a, b in zip(errs, errs[1:]))
+
+
+def test_groups_and_segments_equal_brute_force():
+    # 2 segments (kv heads) x 3 channels, each unit = 2 columns (query heads sharing the kv head)
+    W, H = _problem(out=4, m=12, seed=3)
+    groups = torch.arange(12).view(2, 2, 3).permute(0, 2, 1).reshape(6, 2)
+    kept = obs_select(W.float(), H.float(), 2, groups=groups, segments=2, damp=0.05, chunk=1)
+    ref, _ = _brute_greedy(W, H, 2, groups, 2, 0.05)
+    assert torch.equal(kept, ref)
+    assert (kept < 3).sum() == 1 and (kept >= 3).sum() == 1
+
+
+def test_redundant_twin_is_removed_where_the_score_keeps_both():
+    # columns 0 and 1 carry the same strong signal: after restoration one of them is free to drop,
+    # but each scores high on its own
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 6, generator=g)
+    X[:, 1] = X[:, 0] + 1e-3 * torch.randn(200, generator=g)
+    X[:, 0] *= 5
+    X[:, 1] *= 5
+    W = torch.randn(4, 6, generator=g)
+    H = X.T @ X
+    s = (X * X).sum(0)
+    by_score = reference.score_select(W, s, 5)
+    by_obs = obs_select(W, H, 5, damp=1e-4)
+    assert 0 in by_score.tolist() and 1 in by_score.tolist()
+    assert not (0 in by_obs.tolist() and 1 in by_obs.tolist())
+
+    def err(kept):
+        Wn, _ = reference.restore(W, H, kept, 1e-4)
+        D = W.clone()
+        D[:, kept] -= Wn
+        return float((D @ H * D).sum())
+
+    assert err(by_obs) < 0.1 * err(by_score)
+
+
+def test_chunked_is_close_to_exact():
+    W, H = _problem(out=8, m=40, n=200, seed=5)
+    _, (_, e1) = obs_select(W.float(), H.float(), 20, chunk=1, return_curve=True)
+    _, (_, e4) = obs_select(W.float(), H.float(), 20, chunk=4, return_curve=True)
+    assert e4[-1] <= 1.5 * e1[-1] + 1e-6
+
+
+def test_bad_arguments():
+    W, H = _problem()
+    with pytest.raises(ValueError, match="k must be"):
+        obs_select(W, H, 13)
+    with pytest.raises(ValueError, match="do not match"):
+        obs_select(W, H[:5, :5], 3)
+    with pytest.raises(ValueError, match="segments"):
+        obs_select(W, H, 3, segments=5)
