@@ -11,8 +11,20 @@ export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 python bench/bench_ops.py --device "$DEVICE"
 python bench/bench_e2e.py --device "$DEVICE"
 python bench/bench_inference.py --device "$DEVICE"
+# baselines and FASP at 10/20/30 % (the README's quality table)
 python -m fasp_ext compare --model smollm2 --device "$DEVICE" --quiet \
-  --methods magnitude wanda-sp fasp --sparsities 0.1 0.2 0.3 \
-  --calib austen:emma --eval austen:prideprejudice jargon --nsamples 128 --seqlen 512 --eval-windows 64 \
-  --out bench/results --stem compare
+  --methods magnitude wanda-sp flap fasp --sparsities 0.1 0.2 0.3 \
+  --calib austen:emma --eval austen:prideprejudice jargon --nsamples 128 --seqlen 512 --eval-windows 32 \
+  --out bench/results --stem compare_smollm2
+# screening of the stronger options at 30 % on a small calibration set
+python -m fasp_ext compare --model smollm2 --device "$DEVICE" --quiet \
+  --methods fasp fasp:selection=obs fasp:allocation=error fasp:allocation=flap fasp:damp=auto fasp:intercept=true \
+  fasp:target=dense fasp:allocation=flap,target=dense flap flap:allocation=flap --sparsities 0.3 \
+  --calib austen:emma --eval austen:prideprejudice jargon --nsamples 32 --seqlen 512 --eval-windows 16 \
+  --out bench/results --stem options30_screen_smollm2
+# the promising options at full calibration
+python -m fasp_ext compare --model smollm2 --device "$DEVICE" --quiet \
+  --methods fasp fasp:allocation=flap fasp:target=dense fasp:allocation=flap,target=dense flap:allocation=flap \
+  --sparsities 0.3 --calib austen:emma --eval austen:prideprejudice jargon --nsamples 128 --seqlen 512 \
+  --eval-windows 32 --out bench/results --stem options30_smollm2
 python bench/plots.py

@@ -9,10 +9,11 @@ budget is per structure, so ``mlp_sparsity``/``attn_sparsity`` still hold overal
 Costs:
 
 - ``"error"``: the restored calibration error of the projection at each kept count, from one greedy
-  OBS run per matrix (fasp_ext/selection.py), relative to the projection's dense output energy
-  tr(W H W^T): a block whose units are redundant (its error stays low) gives up more. (Measured
-  against the residual stream's energy instead, the allocation followed SmolLM2's massive
-  activations and emptied whole runs of blocks; see bench/results/options30_smollm2.md.)
+  OBS run per matrix (fasp_ext/selection.py), relative to the energy of the residual stream the
+  projection adds to (the block's input for the attention, its output for the MLP): the next block
+  normalises that stream, so this is the relative perturbation it sees. (Relative to the
+  projection's own output energy instead, the allocation was much worse on SmolLM2; see
+  bench/results/options30_smollm2.md.)
 
 The dense pass uses the first ``allocation_samples`` calibration windows only: the curves need far
 less data than the restoration, and the pass then costs a fraction of a calibration forward.
@@ -64,7 +65,8 @@ def greedy_budget(costs: list[list[float]], counts: list[list[int]], budget: int
     return pos
 
 
-def _error_costs(W, stats: Stats, ks: list[int], groups, segments: int, damp: float) -> list[float]:
+def _error_costs(W, stats: Stats, ks: list[int], groups, segments: int, damp: float,
+                 stream_energy: float) -> list[float]:
     from .selection import obs_select
 
     units = W.shape[1] if groups is None else groups.shape[0]
@@ -72,8 +74,7 @@ def _error_costs(W, stats: Stats, ks: list[int], groups, segments: int, damp: fl
     _, (ck, ce) = obs_select(W, stats.H, ks[-1] * scale, groups, segments, damp=damp, return_curve=True)
     ck = torch.tensor(ck[::-1], dtype=torch.float64)  # ascending kept counts
     ce = torch.tensor(ce[::-1], dtype=torch.float64)
-    energy = max(float((W.double() @ stats.H.double() * W.double()).sum()), 1e-30)
-    err = [float(_interp(ck, ce, k * scale)) / energy for k in ks]
+    err = [float(_interp(ck, ce, k * scale)) / stream_energy for k in ks]
     return [max(b - a, 0.0) for a, b in zip(err, err[1:])]
 
 
@@ -124,10 +125,12 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer) -> list[dict]:
         if mlp_f > 0:
             st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, device, need_gram)
             hooks.append(collect(adapter.mlp_pair(block)[1], st_d))
+        energy_in = sum(float(x.float().pow(2).sum()) for x in inputs.hidden)
         with timer("allocation_forward"):
             outs = run_block(block, inputs, keep_outputs=True)
         for h in hooks:
             h.remove()
+        energy_out = sum(float(x.float().pow(2).sum()) for x in outs)
         inputs.hidden[:] = outs
         entry = []
         with timer("allocation_costs"):
@@ -152,7 +155,8 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer) -> list[dict]:
                     entry.append((ks, []))
                     continue
                 if kind == "error":
-                    costs = _error_costs(W, st, ks, groups, segments, damp)
+                    energy = energy_in if which == "attn" else energy_out
+                    costs = _error_costs(W, st, ks, groups, segments, damp, max(energy, 1e-30))
                 else:
                     costs = _flap_costs(W, st, ks, groups, segments)
                 entry.append((ks, costs))

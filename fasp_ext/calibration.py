@@ -103,6 +103,11 @@ class Stats:
     mu_val: torch.Tensor | None = None
     n_val: int = 0
     samples: int = 0
+    #: dense-target restoration: the dense model's inputs of the same projection, per batch, and
+    #: D = sum x_dense x^T accumulated against this (pruned) model's inputs batch by batch
+    dense: list[torch.Tensor] | None = None
+    D: torch.Tensor | None = None
+    batches: int = 0
 
     @staticmethod
     def new(m: int, device, gram: bool = True, store: bool = False, val_every: int = 0) -> "Stats":
@@ -119,6 +124,14 @@ class Stats:
         self.n += x2.shape[0]
         if self.store is not None:
             self.store.append(x.detach())
+        if self.dense is not None:
+            xd = self.dense[self.batches].reshape(-1, m)
+            if xd.shape[0] != x2.shape[0]:
+                raise RuntimeError("fasp_ext: dense and pruned calibration batches differ in size")
+            if self.D is None:
+                self.D = torch.zeros(m, m, device=x.device)
+            self.D.addmm_(xd.t().float(), x2.float())
+            self.batches += 1
         b = x.shape[0] if x.dim() > 2 else 1
         if self.val_every:
             idx = torch.arange(self.samples, self.samples + b)
@@ -129,6 +142,11 @@ class Stats:
                 self.mu_val += xv.sum(0, dtype=torch.float32)
                 self.n_val += xv.shape[0]
         self.samples += b
+
+
+def record(module: nn.Module, store: list):
+    """A forward pre-hook on ``module`` appending its input (per batch) to ``store``."""
+    return module.register_forward_pre_hook(lambda _mod, args: store.append(args[0].detach()))
 
 
 def collect(module: nn.Module, stats: Stats, stop: bool = False):

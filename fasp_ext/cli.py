@@ -36,6 +36,8 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="fasp: choose removed units by score (default) or by greedy least-squares cost (obs)")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "error", "flap"],
                    help="per-block sparsity: uniform (default), by restored-error curves, or FLAP's ranking")
+    p.add_argument("--target", default="pruned", choices=["pruned", "dense"],
+                   help="restore toward the pruned model's own outputs (default) or the dense model's")
     p.add_argument("--max-block-sparsity", type=float, default=None,
                    help="with non-uniform allocation, the most any block loses (default: 2x sparsity, <= 0.9)")
     p.add_argument("--damp", default=None,
@@ -63,7 +65,7 @@ def _config_from(args):
     cfg = PruneConfig(sparsity=args.sparsity, mlp_sparsity=args.mlp_sparsity, attn_sparsity=args.attn_sparsity,
                       mlp_only=args.mlp_only, method=args.method, intercept=args.intercept, one_pass=args.one_pass,
                       mlp_multiple=args.mlp_multiple, attn_multiple=args.attn_multiple, selection=args.selection,
-                      allocation=args.allocation, max_block_sparsity=args.max_block_sparsity,
+                      allocation=args.allocation, max_block_sparsity=args.max_block_sparsity, target=args.target,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet)
     if args.damp is not None:
         cfg.damp = _parse_damp(args.damp)

@@ -27,7 +27,7 @@ from . import ops
 from .adapters import Adapter, adapter_for
 from .adapters.base import _shrink_linear
 from .damping import DEFAULT_GRID, choose_damp
-from .calibration import BlockInputs, Stats, capture_block_inputs, collect, run_block
+from .calibration import BlockInputs, Stats, capture_block_inputs, collect, record, run_block
 
 log = logging.getLogger("fasp_ext")
 
@@ -77,6 +77,10 @@ class PruneConfig:
     max_block_sparsity: float | None = None
     #: calibration windows the allocation's dense pass uses (the first ones; 0: all)
     allocation_samples: int = 32
+    #: what the restoration fits (sequential mode, method fasp): "pruned" (the FASP default: W x with
+    #: x the pruned model's own inputs) or "dense" (W x_dense, the dense model's output, so errors
+    #: of earlier blocks are corrected too; one extra dense forward per block)
+    target: str = "pruned"
     #: seed for the random method and any sampling
     seed: int = 0
     #: keep the W2 inputs in memory to correct block outputs instead of a third pass, up to this many bytes
@@ -109,6 +113,12 @@ class PruneConfig:
         mbs = self.max_block_sparsity
         if mbs is not None and (not isinstance(mbs, (int, float)) or not (0.0 < float(mbs) < 1.0)):
             raise ValueError(f"max_block_sparsity must be a number in (0, 1), got {mbs!r}")
+        if self.target not in ("pruned", "dense"):
+            raise ValueError(f"target must be 'pruned' or 'dense', got {self.target!r}")
+        if self.target == "dense":
+            if self.method != "fasp" or self.one_pass or self.damp == "auto" or self.intercept:
+                raise ValueError("target='dense' needs method 'fasp', sequential mode (one_pass=False), a numeric "
+                                 "damp and intercept=False")
         if self.damp != "auto" and (not isinstance(self.damp, (int, float)) or not (self.damp >= 0.0)
                                     or math.isinf(self.damp)):
             raise ValueError(f"damp must be 'auto' or a finite number >= 0, got {self.damp!r}")
@@ -242,6 +252,13 @@ def _restore(W: torch.Tensor, bias: torch.Tensor | None, stats: Stats, kept_cols
             if Hv is not None:
                 Hv, muv = _shift(Hv, muv, nv, c)
     info: dict = {"path": "none", "lam": 0.0}
+    if restore and stats.D is not None:  # toward the dense model's outputs
+        D = stats.D
+        if col_const is not None and new_bias is not None:  # the folded constants leave the target too
+            D = D - torch.outer(c, stats.mu)
+        out, lam = restore_toward(W, stats.H, D, kept_cols, float(cfg.damp))
+        info.update({"path": "cholesky-dense-target", "lam": lam, "damp": float(cfg.damp)})
+        return out.contiguous(), None if new_bias is None else new_bias.to(W.dtype), info
     if cfg.method == "flap":  # removed inputs replaced by their calibration mean, moved into the bias
         removed_mask = torch.ones(m, dtype=torch.bool, device=W.device)
         removed_mask[kept_cols] = False
@@ -263,6 +280,30 @@ def _restore(W: torch.Tensor, bias: torch.Tensor | None, stats: Stats, kept_cols
     if Wt is not W:
         out, new_bias = out[:, :-1], out[:, -1]
     return out.to(W.dtype).contiguous(), None if new_bias is None else new_bias.to(W.dtype), info
+
+
+def restore_toward(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, kept: torch.Tensor, damp: float,
+                   max_retries: int = 4) -> tuple[torch.Tensor, float]:
+    """Kept columns refitted toward other targets: W' = (W D[:, S] + lam W[:, S]) (H[S, S] + lam I)^-1.
+
+    With D = sum x_target x^T this minimises sum ||W x_target - W' x_S||^2 + lam ||W' - W[:, S]||^2
+    (with D = H it is exactly ``ops.restore``). lam = damp * mean(diag H[S, S]), raised x10 (from a
+    tiny floor when damp is 0) until the Cholesky factorisation succeeds. Solved in float64.
+    """
+    Hs = H.index_select(0, kept).index_select(1, kept).double()
+    Wd = W.double()
+    scale = float(Hs.diagonal().mean().clamp_min(1e-30))
+    lam = float(damp) * scale
+    eye = torch.eye(Hs.shape[0], dtype=torch.float64, device=Hs.device)
+    for attempt in range(max_retries + 1):
+        L, info = torch.linalg.cholesky_ex(Hs + lam * eye)
+        if int(info) == 0:
+            break
+        lam = max(lam * 10.0, 1e-8 * scale)
+    else:
+        raise RuntimeError("restore_toward: H[S, S] is not positive definite even after raising the damping")
+    rhs = Wd @ D.index_select(1, kept).double() + lam * Wd.index_select(1, kept)
+    return torch.cholesky_solve(rhs.t(), L).t().to(W.dtype), lam
 
 
 def _set_linear(lin: nn.Linear, W: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -397,6 +438,9 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
         keeps = plan(adapter, blocks, mcfg, sub, cfg, device, timer)
         del sub
     need_gram = cfg.method == "fasp"
+    dense_inputs = None
+    if cfg.target == "dense" and not cfg.one_pass:
+        dense_inputs = BlockInputs([h.clone() for h in inputs.hidden], inputs.kwargs)
     val_every = int(cfg.val_every) if cfg.damp == "auto" else 0
     z_bytes = tokens.numel() * adapter.mlp_width(blocks[0]) * next(model.parameters()).element_size()
     can_correct = adapter.mlp_is_residual_branch and z_bytes <= cfg.store_budget_bytes and adapter.is_pre_norm(mcfg)
@@ -416,8 +460,19 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
             report.blocks.append(info)
             blocks[i] = block.to(home)
             continue
+        x_dense = {"attn": None, "mlp": None}
+        if dense_inputs is not None:  # the dense block on the dense stream: the restoration targets
+            x_dense = {"attn": [] if prune_attn else None, "mlp": [] if prune_mlp_ else None}
+            hooks = [record(mod, x_dense[k]) for k, mod in (("attn", adapter.value_pair(block)[1]),
+                                                            ("mlp", adapter.mlp_pair(block)[1])) if x_dense[k] is not None]
+            with timer("forward_dense_target"):
+                dense_outs = run_block(block, dense_inputs, keep_outputs=True)
+            for h in hooks:
+                h.remove()
+            dense_inputs = BlockInputs(dense_outs, dense_inputs.kwargs)
         if prune_attn:
             st = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram, val_every=val_every)
+            st.dense = x_dense["attn"]
             h = collect(adapter.value_pair(block)[1], st, stop=True)
             with timer("forward_attention_stats"):
                 run_block(block, inputs, keep_outputs=False)
@@ -430,6 +485,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
         if prune_mlp_:
             ins, out = adapter.mlp_pair(block)
             st = Stats.new(out.in_features, device, need_gram, store=can_correct, val_every=val_every)
+            st.dense = x_dense["mlp"]
             h = collect(out, st)
             with timer("forward_mlp_stats"):
                 outs = run_block(block, inputs, keep_outputs=True)

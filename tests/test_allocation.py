@@ -118,3 +118,58 @@ def test_obs_selection_runs_and_lowers_error(family):
 def test_bad_options(kw, msg):
     with pytest.raises(ValueError, match=msg):
         PruneConfig(**kw).validate()
+
+
+# ----------------------------------------------------------------------------- dense target
+def test_restore_toward_own_inputs_is_the_restore_op():
+    from fasp_ext import reference
+    from fasp_ext.pipeline import restore_toward
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 20, generator=g)
+    H, W = X.T @ X, torch.randn(6, 20, generator=g)
+    kept = torch.tensor([0, 2, 3, 7, 8, 11, 15, 19])
+    got, _ = restore_toward(W, H, H, kept, 0.1)
+    ref, _ = reference.restore(W, H, kept, 0.1, use_fp64=True)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_restore_toward_dense_targets_is_least_squares():
+    from fasp_ext.pipeline import restore_toward
+
+    g = torch.Generator().manual_seed(1)
+    Xd = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    Xp = Xd + 0.3 * torch.randn(400, 16, generator=g, dtype=torch.float64)  # drifted inputs
+    W = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    kept = torch.tensor([1, 2, 5, 6, 9, 10, 13, 14, 15])
+    got, lam = restore_toward(W, Xp.T @ Xp, Xd.T @ Xp, kept, 0.0)
+    ref = torch.linalg.lstsq(Xp[:, kept], Xd @ W.T).solution.T
+    assert lam == 0.0
+    torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("family", list(MAKERS))
+def test_dense_target_first_attention_equals_own_target_and_reloads(family, tmp_path):
+    toks = random_tokens(8, 24)
+    own, dense = MAKERS[family](), MAKERS[family]()
+    prune(own, toks, PruneConfig(sparsity=0.25, progress=False))
+    rep = prune(dense, toks, PruneConfig(sparsity=0.25, target="dense", progress=False))
+    ad = adapter_for(own)
+    # block 0 sees the same inputs either way, so its attention restoration is the same...
+    torch.testing.assert_close(ad.value_pair(ad.blocks(dense)[0])[1].weight,
+                               ad.value_pair(ad.blocks(own)[0])[1].weight, rtol=1e-3, atol=1e-5)
+    # ...while its MLP then sees pruned attention outputs and is fitted to the dense ones
+    assert not torch.allclose(ad.mlp_pair(ad.blocks(dense)[0])[1].weight, ad.mlp_pair(ad.blocks(own)[0])[1].weight)
+    assert rep.blocks[1]["mlp_solver"]["path"] == "cholesky-dense-target"
+    assert "forward_dense_target" in rep.times
+    ev = random_tokens(2, 24, seed=3)
+    m2 = load_pruned(save_pruned(dense, tmp_path / "p"))
+    with torch.no_grad():
+        assert torch.equal(m2(ev).logits, dense(ev).logits)
+
+
+@pytest.mark.parametrize("kw", [{"target": "teacher"}, {"target": "dense", "one_pass": True},
+                                {"target": "dense", "damp": "auto"}, {"target": "dense", "method": "wanda-sp"}])
+def test_bad_target_options(kw):
+    with pytest.raises(ValueError, match="target"):
+        PruneConfig(**kw).validate()
