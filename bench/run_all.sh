@@ -27,4 +27,6 @@ python -m fasp_ext compare --model smollm2 --device "$DEVICE" --quiet \
   --methods fasp fasp:allocation=flap fasp:target=dense fasp:allocation=flap,target=dense flap:allocation=flap \
   --sparsities 0.3 --calib austen:emma --eval austen:prideprejudice jargon --nsamples 128 --seqlen 512 \
   --eval-windows 32 --out bench/results --stem options30_smollm2
+
+python bench/magnitude_diagnosis.py
 python bench/plots.py

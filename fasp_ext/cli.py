@@ -195,7 +195,8 @@ def cmd_compare(args) -> int:
     if args.damp is not None:
         base.damp = _parse_damp(args.damp)
     res = cmp.compare(args.model, args.methods, args.sparsities, args.calib, args.eval, args.nsamples, args.seqlen,
-                      args.eval_windows, args.seed, args.device, base, progress=not args.quiet)
+                      args.eval_windows, args.seed, args.device, base, progress=not args.quiet,
+                      on_row=lambda partial: cmp.write(partial, args.out, args.stem, with_plot=False))
     paths = cmp.write(res, args.out, args.stem)
     print(cmp.to_markdown(res))
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -48,8 +48,9 @@ def parse_method(spec: str, base: PruneConfig) -> PruneConfig:
 def compare(model_spec: str, methods: list[str], sparsities: list[float], calib: str, evals: list[str],
             nsamples: int = 128, seqlen: int = 512, eval_windows: int | None = None, seed: int = 0,
             device: str | None = None, base: PruneConfig | None = None, progress: bool = True,
-            log=print) -> dict:
-    """Prune a fresh copy of the model once per (method, sparsity); measure perplexity on each text."""
+            log=print, on_row=None) -> dict:
+    """Prune a fresh copy of the model once per (method, sparsity); measure perplexity on each text.
+    ``on_row(result so far)`` is called after every row (e.g. to save partial results)."""
     from . import data, models
 
     base = base or PruneConfig(progress=progress, seed=seed)
@@ -67,6 +68,12 @@ def compare(model_spec: str, methods: list[str], sparsities: list[float], calib:
     model.to("cpu")
     rows.append(dense)
     log(_row_text(dense, evals))
+
+    def result() -> dict:
+        return {"model": model_spec, "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                "device": device, "evals": evals,
+                "eval_windows": {e: int(w.shape[0]) for e, w in windows.items()}, "rows": rows}
+
     del model
     for s in sparsities:
         for name, cfg in configs:
@@ -80,10 +87,10 @@ def compare(model_spec: str, methods: list[str], sparsities: list[float], calib:
                 row[e] = data.perplexity(m.to(device), w, device=device, progress=progress)
             rows.append(row)
             log(_row_text(row, evals))
+            if on_row is not None:
+                on_row(result())
             del m
-    return {"model": model_spec, "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-            "device": device, "evals": evals, "eval_windows": {e: int(w.shape[0]) for e, w in windows.items()},
-            "rows": rows}
+    return result()
 
 
 def _row_text(r: dict, evals) -> str:
@@ -126,11 +133,14 @@ def plot(result: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def write(result: dict, out_dir: str | Path, stem: str = "compare") -> list[Path]:
+def write(result: dict, out_dir: str | Path, stem: str = "compare", with_plot: bool = True) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
-    paths[0].write_text(json.dumps(result, indent=2))
-    paths[1].write_text(to_markdown(result))
-    plot(result, paths[2])
+    paths = [out / f"{stem}.json", out / f"{stem}.md"] + ([out / f"{stem}.png"] if with_plot else [])
+    for path, text in zip(paths, (json.dumps(result, indent=2), to_markdown(result))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)  # never a half-written results file
+    if with_plot:
+        plot(result, paths[2])
     return paths

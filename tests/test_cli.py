@@ -103,3 +103,27 @@ def test_missing_model_and_bad_calibration(model_dir, texts, tmp_path, capsys):
         assert main(a) == 2
         assert capsys.readouterr().err.strip()
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_ranks_methods_and_writes_tables(model_dir, texts, tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(model_dir), "--calib", str(texts / "calib.txt"), "--eval", str(texts / "eval.txt"),
+            "--nsamples", "4", "--seqlen", "32", "--eval-windows", "4", "--quiet", "--out", str(out), "--stem", "t",
+            "--methods", "wanda-sp", "fasp", "fasp:allocation=flap,selection=obs", "--sparsities", "0", "0.25"]
+    assert main(args) == 0
+    res = json.loads((out / "t.json").read_text())
+    rows = {(r["method"], r["sparsity"]): r for r in res["rows"]}
+    assert len(rows) == 7 and (out / "t.md").exists() and (out / "t.png").exists()
+    key = str(texts / "eval.txt")
+    # sparsity 0 changes nothing, whatever the method
+    for m in ("wanda-sp", "fasp", "fasp:allocation=flap,selection=obs"):
+        assert rows[(m, 0.0)][key] == pytest.approx(rows[("dense", 0.0)][key], rel=1e-5)
+        assert rows[(m, 0.25)]["params"] < rows[("dense", 0.0)]["params"]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_compare_rejects_a_bad_method_before_any_work(model_dir, texts, tmp_path):
+    args = ["compare", "--model", str(model_dir), "--calib", str(texts / "calib.txt"), "--eval", str(texts / "eval.txt"),
+            "--out", str(tmp_path / "c"), "--methods", "fasp:allocation=owl", "--quiet"]
+    assert main(args) != 0
+    assert not (tmp_path / "c").exists()
