@@ -122,14 +122,15 @@ def to_markdown(info: dict, rows: list[dict]) -> str:
              f"- machine: {info.get('cpu', '')}, {info.get('cores', '')} cores; torch {info['torch']}; "
              f"git {info['git_commit'][:12]}", f"- calibration: {rows[0]['dense']['nsamples']} x {rows[0]['dense']['seqlen']} tokens, "
              f"sparsity {info['sparsity']:.0%} (MLP + value channels)", "",
-             "| model | dense forward s | sequential s | ratio | one-pass s | ratio | peak MiB dense / seq / one-pass |"
-             " ppl P&P seq / one-pass |", "|---|---|---|---|---|---|---|---|"]
+             "| model | git | dense forward s | sequential s | ratio | one-pass s | ratio | peak MiB dense / seq / one-pass |"
+             " ppl P&P seq / one-pass |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ppl = (f"{r['sequential'].get('ppl_prideprejudice', float('nan')):.2f} / "
                f"{r['one-pass'].get('ppl_prideprejudice', float('nan')):.2f}") if "ppl_prideprejudice" in r[
             "sequential"] else "-"
         lines.append(
-            f"| {r['model']} | {r['dense']['seconds']:.2f} | {r['sequential']['seconds']:.2f} | "
+            f"| {r['model']} | {r.get('git_commit', info['git_commit'])[:7]} | {r['dense']['seconds']:.2f} | "
+            f"{r['sequential']['seconds']:.2f} | "
             f"{r['ratio_sequential']:.2f} | {r['one-pass']['seconds']:.2f} | {r['ratio_one_pass']:.2f} | "
             f"{r['dense']['peak_mib']:.0f} / {r['sequential']['peak_mib']:.0f} / {r['one-pass']['peak_mib']:.0f} | "
             f"{ppl} |")
@@ -167,7 +168,7 @@ def main() -> None:
     info.update({"device": ns.device, "sparsity": ns.sparsity})
     rows = []
     for model in ns.models:
-        r = {"model": model}
+        r = {"model": model, "git_commit": info["git_commit"]}
         for mode in ("dense", "sequential", "one-pass"):
             r[mode] = run_worker(ns, model, mode)
             print(f"{model:>16} {mode:>10}: {r[mode]['seconds']:.2f} s, peak {r[mode]['peak_mib']:.0f} MiB", flush=True)
@@ -178,6 +179,14 @@ def main() -> None:
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"e2e_{ns.device.split(':')[0]}"
+    old = out / f"{stem}.json"
+    if old.exists():  # keep the rows of models not re-run this time, each with the commit it came from
+        prev = json.loads(old.read_text())
+        done = {r["model"] for r in rows}
+        kept = [{**r, "git_commit": r.get("git_commit", prev["info"]["git_commit"])}
+                for r in prev["rows"] if r["model"] not in done]
+        order = {m: i for i, m in enumerate(["smollm2", *SYNTHETIC])}
+        rows = sorted(rows + kept, key=lambda r: order.get(r["model"], len(order)))
     (out / f"{stem}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
     (out / f"{stem}.md").write_text(to_markdown(info, rows))
     print((out / f"{stem}.md").read_text())
