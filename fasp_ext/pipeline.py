@@ -295,7 +295,7 @@ def restore_toward(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, kept: torc
     scale = float(Hs.diagonal().mean().clamp_min(1e-30))
     lam = float(damp) * scale
     eye = torch.eye(Hs.shape[0], dtype=torch.float64, device=Hs.device)
-    for attempt in range(max_retries + 1):
+    for _ in range(max_retries + 1):
         L, info = torch.linalg.cholesky_ex(Hs + lam * eye)
         if int(info) == 0:
             break
