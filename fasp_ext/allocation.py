@@ -30,7 +30,7 @@ import heapq
 
 import torch
 
-from .calibration import Stats, collect, run_block
+from .calibration import Stats, collect, fluctuation_scores, run_block
 
 ALLOCATIONS = ("uniform", "error", "flap")
 
@@ -88,9 +88,7 @@ def _interp(x: torch.Tensor, y: torch.Tensor, x0: float) -> float:
 
 
 def _flap_costs(W, stats: Stats, ks: list[int], groups, segments: int) -> list[float]:
-    n = max(stats.n, 1)
-    var = (stats.s / n - (stats.mu / n) ** 2).clamp_min(0)
-    score = var * W.float().pow(2).sum(0)
+    score = fluctuation_scores(W, stats)
     if groups is not None:
         score = score[groups].sum(1)
     score = (score - score.mean()) / score.std().clamp_min(1e-30)
@@ -114,7 +112,7 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer) -> list[dict]:
     attn_f, mlp_f = cfg.attn_fraction, cfg.mlp_fraction
     kind = cfg.allocation
     need_gram = kind == "error"
-    damp = cfg.damp if isinstance(cfg.damp, (int, float)) else 0.1
+    damp = cfg.selection_damp
     per_block = []  # (attn (ks, costs) | None, mlp (ks, costs) | None)
     for i in range(len(blocks)):
         block = blocks[i].to(device)
@@ -125,12 +123,12 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer) -> list[dict]:
         if mlp_f > 0:
             st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, device, need_gram)
             hooks.append(collect(adapter.mlp_pair(block)[1], st_d))
-        energy_in = sum(float(x.float().pow(2).sum()) for x in inputs.hidden)
+        energy_in = sum(float(x.float().pow(2).sum()) for x in inputs.hidden) if need_gram else 0.0
         with timer("allocation_forward"):
             outs = run_block(block, inputs, keep_outputs=True)
         for h in hooks:
             h.remove()
-        energy_out = sum(float(x.float().pow(2).sum()) for x in outs)
+        energy_out = sum(float(x.float().pow(2).sum()) for x in outs) if need_gram else 0.0
         inputs.hidden[:] = outs
         entry = []
         with timer("allocation_costs"):

@@ -144,6 +144,13 @@ class Stats:
         self.samples += b
 
 
+def fluctuation_scores(W: torch.Tensor, stats: Stats) -> torch.Tensor:
+    """FLAP's fluctuation metric per input column: input variance over tokens x squared column norm."""
+    n = max(stats.n, 1)
+    var = (stats.s / n - (stats.mu / n) ** 2).clamp_min(0)
+    return var * W.float().pow(2).sum(0)
+
+
 def record(module: nn.Module, store: list):
     """A forward pre-hook on ``module`` appending its input (per batch) to ``store``."""
     return module.register_forward_pre_hook(lambda _mod, args: store.append(args[0].detach()))

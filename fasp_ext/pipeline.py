@@ -27,7 +27,7 @@ from . import ops
 from .adapters import Adapter, adapter_for
 from .adapters.base import _shrink_linear
 from .damping import DEFAULT_GRID, choose_damp
-from .calibration import BlockInputs, Stats, capture_block_inputs, collect, record, run_block
+from .calibration import BlockInputs, Stats, capture_block_inputs, collect, fluctuation_scores, record, run_block
 
 log = logging.getLogger("fasp_ext")
 
@@ -126,6 +126,11 @@ class PruneConfig:
             raise ValueError(f"val_every must be >= 2 with damp='auto', got {self.val_every!r}")
 
     @property
+    def selection_damp(self) -> float:
+        """Damping for the error-aware selection and allocation curves (0.1 when damp is 'auto')."""
+        return float(self.damp) if isinstance(self.damp, (int, float)) else 0.1
+
+    @property
     def mlp_fraction(self) -> float:
         return self.sparsity if self.mlp_sparsity is None else self.mlp_sparsity
 
@@ -197,16 +202,13 @@ def _select(cfg: PruneConfig, W: torch.Tensor, stats: Stats, k: int, groups, seg
     if method == "fasp" and cfg.selection == "obs":
         from .selection import obs_select
 
-        damp = cfg.damp if isinstance(cfg.damp, (int, float)) else 0.1
-        return obs_select(W, stats.H, k, groups, segments, damp=damp).to(W.device)
+        return obs_select(W, stats.H, k, groups, segments, damp=cfg.selection_damp).to(W.device)
     if method in ("fasp", "wanda-sp"):
         return ops.score_select(W, stats.s, k, groups, segments)
     if method == "magnitude":  # column L2 norm of W2 (activations ignored)
         scores = W.float().pow(2).sum(0).sqrt()
-    elif method == "flap":  # fluctuation: input variance over tokens x squared column norm (FLAP)
-        n = max(stats.n, 1)
-        var = (stats.s / n - (stats.mu / n) ** 2).clamp_min(0)
-        scores = var * W.float().pow(2).sum(0)
+    elif method == "flap":
+        scores = fluctuation_scores(W, stats)
     else:  # random
         scores = torch.rand(W.shape[1], generator=gen).to(W.device)
     if groups is not None:

@@ -68,11 +68,11 @@ def obs_select(W: torch.Tensor, H: torch.Tensor, k: int, groups: torch.Tensor | 
     removed = 0
     while removed < n_remove:
         # cost of each alive unit alone: tr(W_U (Hinv_UU)^-1 W_U^T)
-        Wu = Wd[:, units]                                   # (out, G, r)
-        Hu = Hinv[units.unsqueeze(2), units.unsqueeze(1)]   # (G, r, r)
-        if r == 1:
-            cost = Wu[:, :, 0].pow(2).sum(0) / Hu[:, 0, 0].clamp_min(1e-300)
+        if groups is None:  # unit g is column g: no gather needed
+            cost = Wd.pow(2).sum(0) / Hinv.diagonal().clamp_min(1e-300)
         else:
+            Wu = Wd[:, units]                                                 # (out, G, r)
+            Hu = Hinv[units.unsqueeze(2), units.unsqueeze(1)]                 # (G, r, r)
             Hu = Hu + 1e-12 * torch.eye(r, dtype=Hu.dtype, device=dev)
             cost = torch.einsum("ogi,gij,ogj->g", Wu, torch.linalg.inv(Hu), Wu)
         eligible = alive & (left[seg_of] > 0)
