@@ -20,6 +20,22 @@ sys.path.insert(0, str(ROOT))
 SETTINGS = ("model", "calib", "nsamples", "seqlen", "seed", "evals", "eval_windows")
 
 
+def explicit(row: dict) -> dict:
+    """A row from before allocation defaults depended on the method (no "allocation" field: every
+    method then pruned blocks uniformly unless its spec said otherwise) gets that field, and its
+    spec spells out ``allocation=uniform`` where today's default for the method differs."""
+    from fasp_ext.pipeline import DEFAULT_ALLOCATION
+
+    if row["method"] == "dense" or "allocation" in row:
+        return row
+    name, _, opts = row["method"].partition(":")
+    given = dict(o.split("=", 1) for o in opts.split(",") if "=" in o)
+    row = dict(row, allocation=given.get("allocation", "uniform"))
+    if "allocation" not in given and DEFAULT_ALLOCATION.get(name, "uniform") != "uniform":
+        row["method"] = f"{row['method']}{',' if opts else ':'}allocation=uniform"
+    return row
+
+
 def merge(parts: list[dict], sources: list[str]) -> dict:
     base = parts[0]
     for p, src in zip(parts[1:], sources[1:]):
@@ -28,7 +44,7 @@ def merge(parts: list[dict], sources: list[str]) -> dict:
             raise SystemExit(f"{src}: settings differ from {sources[0]} in {', '.join(diff)}")
     rows: dict[tuple, dict] = {}
     for p in parts:
-        for r in p["rows"]:
+        for r in map(explicit, p["rows"]):
             rows[(r["method"], round(r["sparsity"], 6))] = r
     dense = [r for k, r in rows.items() if k[0] == "dense"]
     rest = sorted((r for k, r in rows.items() if k[0] != "dense"), key=lambda r: (r["sparsity"], r["method"]))

@@ -110,7 +110,7 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer) -> list[dict]:
 
     home = next(blocks[0].parameters()).device
     attn_f, mlp_f = cfg.attn_fraction, cfg.mlp_fraction
-    kind = cfg.allocation
+    kind = cfg.allocation_kind
     need_gram = kind == "error"
     damp = cfg.selection_damp
     per_block = []  # (attn (ks, costs) | None, mlp (ks, costs) | None)

@@ -31,11 +31,13 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--mlp-sparsity", type=float, default=None, help="override the MLP sparsity")
     p.add_argument("--attn-sparsity", type=float, default=None, help="override the value-channel sparsity")
     p.add_argument("--mlp-only", action="store_true", help="prune MLP neurons only")
-    p.add_argument("--method", default="fasp", help="fasp (default), wanda-sp, flap, magnitude, random")
-    p.add_argument("--selection", default="score", choices=["score", "obs"],
-                   help="fasp: choose removed units by score (default) or by greedy least-squares cost (obs)")
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "error", "flap"],
-                   help="per-block sparsity: uniform (default), by restored-error curves, or FLAP's ranking")
+    p.add_argument("--method", default="fasp", help="fasp (default), wanda-sp, flap, depth2, magnitude, random")
+    p.add_argument("--selection", default="score", choices=["score", "obs", "spap"],
+                   help="fasp: choose removed units by score (default), by greedy least-squares cost (obs), or by "
+                        "SPAP-style alternating re-selection and re-fit under a growing penalty (spap)")
+    p.add_argument("--allocation", default=None, choices=["uniform", "error", "flap"],
+                   help="per-block sparsity: uniform, by restored-error curves, or FLAP's ranking across blocks "
+                        "(default: the method's own; flap for fasp and flap, uniform for the others)")
     p.add_argument("--target", default="pruned", choices=["pruned", "dense"],
                    help="restore toward the pruned model's own outputs (default) or the dense model's")
     p.add_argument("--max-block-sparsity", type=float, default=None,
@@ -216,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     c = sub.add_parser("compare", help="rank methods x sparsities by perplexity, time and size")
     c.add_argument("--model", default="smollm2")
-    c.add_argument("--methods", nargs="+", default=["magnitude", "wanda-sp", "fasp"],
+    c.add_argument("--methods", nargs="+", default=["magnitude", "wanda-sp", "flap", "depth2", "fasp"],
                    help="method specs: name or name:key=value,... (PruneConfig fields)")
     c.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3])
     c.add_argument("--calib", default="austen:emma")

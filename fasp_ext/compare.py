@@ -1,7 +1,8 @@
 """Rank pruning methods side by side on the same model, calibration data and evaluation texts.
 
 A method spec is ``name`` or ``name:key=value,key=value`` where keys are PruneConfig fields, e.g.
-``fasp``, ``fasp:damp=auto``, ``fasp:intercept=true``, ``wanda-sp``, ``magnitude``, ``fasp:one_pass=true``.
+``fasp``, ``fasp:damp=auto``, ``fasp:intercept=true``, ``wanda-sp``, ``magnitude``, ``fasp:one_pass=true``,
+``fasp:allocation=uniform`` (FASP as the paper runs it: every block pruned alike), ``fasp:selection=spap``.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def compare(model_spec: str, methods: list[str], sparsities: list[float], calib:
             t = time.perf_counter()
             rep = prune(m, tokens, cfg)
             row = {"method": name, "sparsity": s, "params": rep.params_after,
-                   "prune_seconds": time.perf_counter() - t}
+                   "prune_seconds": time.perf_counter() - t, "allocation": rep.allocation}
             for e, w in windows.items():
                 row[e] = data.perplexity(m.to(device), w, device=device, progress=progress)
             rows.append(row)
@@ -100,10 +101,11 @@ def _row_text(r: dict, evals) -> str:
 
 def to_markdown(result: dict) -> str:
     evals = result["evals"]
-    head = "| method | sparsity | " + " | ".join(f"ppl {e}" for e in evals) + " | params | prune s |"
-    lines = [head, "|" + "---|" * (len(evals) + 4)]
+    head = "| method | allocation | sparsity | " + " | ".join(f"ppl {e}" for e in evals) + " | params | prune s |"
+    lines = [head, "|" + "---|" * (len(evals) + 5)]
     for r in result["rows"]:
-        lines.append(f"| {r['method']} | {r['sparsity']:.0%} | " + " | ".join(f"{r[e]:.2f}" for e in evals)
+        lines.append(f"| {r['method']} | {r.get('allocation', '-')} | {r['sparsity']:.0%} | "
+                     + " | ".join(f"{r[e]:.2f}" for e in evals)
                      + f" | {r['params']:,} | {r['prune_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -31,7 +31,16 @@ from .calibration import BlockInputs, Stats, capture_block_inputs, collect, fluc
 
 log = logging.getLogger("fasp_ext")
 
-METHODS = ("fasp", "wanda-sp", "flap", "magnitude", "random")
+METHODS = ("fasp", "wanda-sp", "flap", "depth2", "magnitude", "random")
+#: methods that restore the shrunken projection by least squares (and so need the Gram matrix)
+RESTORING = ("fasp", "depth2")
+SELECTIONS = ("score", "obs", "spap")
+#: per-block allocation each method uses unless told otherwise: FASP and FLAP rank FLAP's standardised
+#: fluctuation scores across blocks (measured best for FASP on both texts at 10/20/30 %,
+#: bench/results/compare_smollm2.md); Wanda-sp, magnitude and random prune every block alike, as
+#: their papers do
+DEFAULT_ALLOCATION = {"fasp": "flap", "flap": "flap", "wanda-sp": "uniform", "depth2": "uniform",
+                      "magnitude": "uniform", "random": "uniform"}
 
 
 @dataclass
@@ -49,7 +58,8 @@ class PruneConfig:
     #: kept value channels per kv head rounded to a multiple of this
     attn_multiple: int = 1
     #: selection method: fasp (score + restore), wanda-sp (score only), flap (fluctuation score +
-    #: bias compensation), magnitude, random
+    #: bias compensation), depth2 (second-moment score + two-step reconstruction: removed units' mean
+    #: into the bias, then least squares on the centred statistics), magnitude, random
     method: str = "fasp"
     #: ridge damping of the restoration, relative to mean(diag H[S, S]); "auto" picks it per matrix
     #: from held-out calibration samples (every ``val_every``-th one) over ``damp_grid``
@@ -66,13 +76,18 @@ class PruneConfig:
     batch_size: int = 8
     #: compute device (None: the model's device)
     device: str | None = None
-    #: which units go, for method fasp: "score" (the FASP score, default) or "obs" (greedy removal by
-    #: the exact increase of the restored error, with Optimal Brain Surgeon updates; fasp_ext/selection.py)
+    #: which units go, for method fasp: "score" (the FASP score, default), "obs" (greedy removal by
+    #: the exact increase of the restored error, with Optimal Brain Surgeon updates) or "spap"
+    #: (SPAP-style: alternate re-choosing the kept set and re-solving the weights under a growing
+    #: penalty on the removed units, ``spap_rounds`` rounds); fasp_ext/selection.py
     selection: str = "score"
-    #: how many units each block keeps: "uniform" (default), "error" (by each block's restored-error
-    #: curve) or "flap" (FLAP's standardised fluctuation scores ranked across blocks); same total per
-    #: structure. Non-uniform allocation costs one extra dense pass (fasp_ext/allocation.py)
-    allocation: str = "uniform"
+    spap_rounds: int = 5
+    #: how many units each block keeps: "uniform", "error" (by each block's restored-error curve) or
+    #: "flap" (FLAP's standardised fluctuation scores ranked across blocks); same total per structure.
+    #: None (default): the method's own, ``DEFAULT_ALLOCATION`` ("flap" for fasp and flap, "uniform"
+    #: for the others). Non-uniform allocation costs one extra dense pass over ``allocation_samples``
+    #: windows (fasp_ext/allocation.py) and gives blocks different widths (reload with load_pruned)
+    allocation: str | None = None
     #: most any one block may lose under non-uniform allocation (None: twice the sparsity, at most 0.9)
     max_block_sparsity: float | None = None
     #: calibration windows the allocation's dense pass uses (the first ones; 0: all)
@@ -102,13 +117,16 @@ class PruneConfig:
         for name in ("mlp_multiple", "attn_multiple", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.selection not in ("score", "obs"):
-            raise ValueError(f"selection must be 'score' or 'obs', got {self.selection!r}")
-        if self.selection == "obs" and self.method != "fasp":
-            raise ValueError(f"selection='obs' needs method 'fasp' (it uses the restoration), got {self.method!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.selection != "score" and self.method != "fasp":
+            raise ValueError(f"selection={self.selection!r} needs method 'fasp' (it uses the restoration), "
+                             f"got {self.method!r}")
+        if int(self.spap_rounds) < 1:
+            raise ValueError(f"spap_rounds must be >= 1, got {self.spap_rounds!r}")
         from .allocation import ALLOCATIONS
 
-        if self.allocation not in ALLOCATIONS:
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         mbs = self.max_block_sparsity
         if mbs is not None and (not isinstance(mbs, (int, float)) or not (0.0 < float(mbs) < 1.0)):
@@ -124,6 +142,21 @@ class PruneConfig:
             raise ValueError(f"damp must be 'auto' or a finite number >= 0, got {self.damp!r}")
         if self.damp == "auto" and int(self.val_every) < 2:
             raise ValueError(f"val_every must be >= 2 with damp='auto', got {self.val_every!r}")
+
+    @property
+    def restores(self) -> bool:
+        """Whether the method refits the shrunken projection by least squares."""
+        return self.method in RESTORING
+
+    @property
+    def fits_intercept(self) -> bool:
+        """Whether the restoration also fits a bias shift (always for depth2's two-step reconstruction)."""
+        return self.intercept or self.method == "depth2"
+
+    @property
+    def allocation_kind(self) -> str:
+        """The allocation this run uses: ``allocation``, or the method's default when it is None."""
+        return self.allocation if self.allocation is not None else DEFAULT_ALLOCATION[self.method]
 
     @property
     def selection_damp(self) -> float:
@@ -150,6 +183,7 @@ class PruneReport:
     blocks: list[dict] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)
     calibration_tokens: int = 0
+    allocation: str = "uniform"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,12 +237,20 @@ def _select(cfg: PruneConfig, W: torch.Tensor, stats: Stats, k: int, groups, seg
         from .selection import obs_select
 
         return obs_select(W, stats.H, k, groups, segments, damp=cfg.selection_damp).to(W.device)
+    if method == "fasp" and cfg.selection == "spap":
+        from .selection import penalty_select
+
+        start = ops.score_select(W, stats.s, k, groups, segments)
+        return penalty_select(W, stats.H, k, groups, segments, damp=cfg.selection_damp,
+                              rounds=int(cfg.spap_rounds), start=start).to(W.device)
     if method in ("fasp", "wanda-sp"):
         return ops.score_select(W, stats.s, k, groups, segments)
     if method == "magnitude":  # column L2 norm of W2 (activations ignored)
         scores = W.float().pow(2).sum(0).sqrt()
     elif method == "flap":
         scores = fluctuation_scores(W, stats)
+    elif method == "depth2":  # second moment of the unit's output contribution: E||W[:, j] x_j||^2
+        scores = stats.s * W.float().pow(2).sum(0)
     else:  # random
         scores = torch.rand(W.shape[1], generator=gen).to(W.device)
     if groups is not None:
@@ -242,7 +284,7 @@ def _restore(W: torch.Tensor, bias: torch.Tensor | None, stats: Stats, kept_cols
     H, mu, n = stats.H, stats.mu, stats.n
     Hv, muv, nv = stats.H_val, stats.mu_val, stats.n_val
     new_bias = None if bias is None else bias.detach().float().clone()
-    if new_bias is None and (cfg.method == "flap" or (restore and cfg.intercept)):
+    if new_bias is None and (cfg.method == "flap" or (restore and cfg.fits_intercept)):
         new_bias = torch.zeros(W.shape[0], device=W.device)  # these fit a bias: the projection gets one
     if col_const is not None and new_bias is not None:
         removed_mask = torch.ones(m, dtype=torch.bool, device=W.device)
@@ -268,7 +310,7 @@ def _restore(W: torch.Tensor, bias: torch.Tensor | None, stats: Stats, kept_cols
     if not restore or H is None:
         return W[:, kept_cols].contiguous(), None if new_bias is None else new_bias.to(W.dtype), info
     Wt, kept_t = W, kept_cols
-    if cfg.intercept and new_bias is not None:
+    if cfg.fits_intercept and new_bias is not None:
         H = _augment(H, mu, n)
         Hv = _augment(Hv, muv, nv) if Hv is not None else None
         Wt = torch.cat([W.float(), new_bias.unsqueeze(1)], 1)
@@ -348,7 +390,7 @@ def prune_values(adapter: Adapter, block: nn.Module, config, stats: Stats, cfg: 
     if v.bias is not None:  # o_proj input column (h, c) carries v.bias[g(h)*dv + c] as a constant
         j = torch.arange(n * dv, device=dev)
         col_const = v.bias.detach()[(j // dv // rep) * dv + j % dv]
-    Wn, bn, info = _restore(o.weight, o.bias, stats, kept_cols, col_const, cfg, cfg.method == "fasp")
+    Wn, bn, info = _restore(o.weight, o.bias, stats, kept_cols, col_const, cfg, cfg.restores)
     adapter.set_value_pair(block, _shrink_linear(v, rows=kept_groups), _set_linear(o, Wn, bn), keep_per_head)
     return {"v_head_dim": keep_per_head, "attn_solver": info}
 
@@ -364,7 +406,7 @@ def prune_mlp(adapter: Adapter, block: nn.Module, stats: Stats, cfg: PruneConfig
     if k == m:
         return {"mlp_width": m}, None
     kept = _select(cfg, out.weight, stats, k, None, 1, gen)
-    Wn, bn, info = _restore(out.weight, out.bias, stats, kept, None, cfg, cfg.method == "fasp")
+    Wn, bn, info = _restore(out.weight, out.bias, stats, kept, None, cfg, cfg.restores)
     new_out = _set_linear(out, Wn, bn)
     adapter.set_mlp_pair(block, [_shrink_linear(l, rows=kept) for l in ins], new_out)
     return {"mlp_width": k, "mlp_solver": info}, (kept, out, new_out)
@@ -421,7 +463,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
     timer = _Timer(device)
     t0 = time.perf_counter()
     report = PruneReport(cfg.method, cfg.sparsity, count_params(model), 0,
-                         calibration_tokens=int(tokens.numel()))
+                         calibration_tokens=int(tokens.numel()), allocation=cfg.allocation_kind)
     was_training = model.training
     model.eval()
     blocks = adapter.blocks(model)
@@ -431,7 +473,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
     prune_attn = cfg.attn_fraction > 0
     prune_mlp_ = cfg.mlp_fraction > 0
     keeps = [{"v_keep": None, "mlp_keep": None} for _ in blocks]
-    if cfg.allocation != "uniform" and (prune_attn or prune_mlp_):
+    if cfg.allocation_kind != "uniform" and (prune_attn or prune_mlp_):
         from .allocation import plan
 
         n_alloc = int(cfg.allocation_samples) or tokens.shape[0]
@@ -439,7 +481,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
             sub = capture_block_inputs(model, blocks, tokens[:n_alloc], cfg.batch_size, device)
         keeps = plan(adapter, blocks, mcfg, sub, cfg, device, timer)
         del sub
-    need_gram = cfg.method == "fasp"
+    need_gram = cfg.restores
     dense_inputs = None
     if cfg.target == "dense" and not cfg.one_pass:
         dense_inputs = BlockInputs([h.clone() for h in inputs.hidden], inputs.kwargs)

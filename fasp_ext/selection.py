@@ -1,4 +1,5 @@
-"""Error-aware selection: greedy removal by exact least-squares cost (Optimal Brain Surgeon, structured).
+"""Error-aware selection: greedy removal by exact least-squares cost (Optimal Brain Surgeon, structured),
+and SPAP-style alternating minimisation with a penalty (``penalty_select``, at the end).
 
 FASP's default selection ranks units by a score (activation norm x column weight mass) that sees
 each unit alone. Two correlated units can both score high although one of them is redundant once
@@ -25,6 +26,19 @@ def _segment_quota(G: int, k: int, segments: int) -> tuple[torch.Tensor, int]:
         raise ValueError(f"obs_select: {G} units and k={k} must both divide into {segments} segments")
     per = G // segments
     return torch.arange(G) // per, per - k // segments
+
+
+def removal_costs(W: torch.Tensor, Hinv: torch.Tensor, units: torch.Tensor, columns: bool) -> torch.Tensor:
+    """Per unit U (a row of ``units``), ``tr(W_U (Hinv_UU)^-1 W_U^T)``: the exact increase of the quadratic
+    ``tr((W' - W) M (W' - W)^T)`` at its minimum W' = W when unit U is forced to zero and the other
+    columns re-fit, with Hinv = M^-1 (Optimal Brain Surgeon). ``columns``: every unit is one column."""
+    if columns:  # no gather needed
+        return W.pow(2).sum(0) / Hinv.diagonal().clamp_min(1e-300)
+    r = units.shape[1]
+    Wu = W[:, units]                                                      # (out, G, r)
+    Hu = Hinv[units.unsqueeze(2), units.unsqueeze(1)]                     # (G, r, r)
+    Hu = Hu + 1e-12 * torch.eye(r, dtype=Hu.dtype, device=Hu.device)
+    return torch.einsum("ogi,gij,ogj->g", Wu, torch.linalg.inv(Hu), Wu)
 
 
 @torch.no_grad()
@@ -67,14 +81,7 @@ def obs_select(W: torch.Tensor, H: torch.Tensor, k: int, groups: torch.Tensor | 
     curve_k, curve_e, err = [G], [0.0], 0.0
     removed = 0
     while removed < n_remove:
-        # cost of each alive unit alone: tr(W_U (Hinv_UU)^-1 W_U^T)
-        if groups is None:  # unit g is column g: no gather needed
-            cost = Wd.pow(2).sum(0) / Hinv.diagonal().clamp_min(1e-300)
-        else:
-            Wu = Wd[:, units]                                                 # (out, G, r)
-            Hu = Hinv[units.unsqueeze(2), units.unsqueeze(1)]                 # (G, r, r)
-            Hu = Hu + 1e-12 * torch.eye(r, dtype=Hu.dtype, device=dev)
-            cost = torch.einsum("ogi,gij,ogj->g", Wu, torch.linalg.inv(Hu), Wu)
+        cost = removal_costs(Wd, Hinv, units, groups is None)
         eligible = alive & (left[seg_of] > 0)
         cost = torch.where(eligible, cost, torch.full_like(cost, float("inf")))
         order = torch.argsort(cost, stable=True)
@@ -106,4 +113,80 @@ def obs_select(W: torch.Tensor, H: torch.Tensor, k: int, groups: torch.Tensor | 
     kept = torch.nonzero(alive).flatten()
     if return_curve:
         return kept, (curve_k, curve_e)
+    return kept
+
+
+
+def _keep_top(cost: torch.Tensor, k: int, segments: int) -> torch.Tensor:
+    """The k highest-cost units (k/segments per contiguous segment), ascending; ties go to the lower index."""
+    G = cost.shape[0]
+    per = G // segments
+    order = torch.argsort(-cost.view(segments, per), dim=1, stable=True)[:, : k // segments]
+    kept = (order + torch.arange(segments, device=cost.device).view(-1, 1) * per).reshape(-1)
+    return torch.sort(kept).values
+
+
+@torch.no_grad()
+def penalty_select(W: torch.Tensor, H: torch.Tensor, k: int, groups: torch.Tensor | None = None,
+                   segments: int = 1, damp: float = 0.1, rounds: int = 5, start: torch.Tensor | None = None,
+                   rho: tuple[float, ...] | None = None, return_history: bool = False):
+    """Kept unit indices (ascending, int64) by SPAP-style alternating minimisation with a penalty.
+
+    The mixed-integer problem ``min tr((W' - W) Hd (W' - W)^T)``, Hd = H + lam I (DESIGN.md 1.3: the
+    damped objective the restoration solves), over W' whose columns outside k kept units are zero,
+    is relaxed: the removed units R are penalised instead of zeroed, and two steps alternate for
+    ``rounds`` rounds under a growing penalty rho_t (relative to mean(diag H); default 0.1 .. 10):
+
+    - weights: ``W' = argmin tr((W' - W) Hd (W' - W)^T) + rho_t sum_{c in R} ||W'[:, c]||^2``
+      ``= W Hd M^-1`` with M = Hd + rho_t P_R (P_R: diagonal indicator of R's columns), so the kept
+      units absorb what the penalised ones can no longer carry;
+    - kept set: the k units whose forced removal would raise that penalised objective most (the exact
+      Optimal Brain Surgeon cost ``tr(W'_U (M^-1_UU)^-1 W'_U^T)``, k/segments per segment), so a unit
+      whose work the others can take over leaves the kept set, and a penalised unit that still
+      carries what nobody else can comes back.
+
+    ``start``: the first kept set (ascending unit indices; None: the k units of highest
+    ``sum_c ||W[:, c]||^2 Hd_cc``). The caller restores the final kept set exactly (``ops.restore``).
+    With ``return_history``, also returns the kept set after every round.
+    """
+    if W.dim() != 2 or H.dim() != 2 or H.shape[0] != H.shape[1] or H.shape[0] != W.shape[1]:
+        raise ValueError(f"penalty_select: W (out, m) and H (m, m) do not match: {tuple(W.shape)}, {tuple(H.shape)}")
+    if rounds < 1:
+        raise ValueError(f"penalty_select: rounds must be >= 1, got {rounds}")
+    m = W.shape[1]
+    dev = W.device
+    units = (torch.arange(m, device=dev).view(m, 1) if groups is None else groups.to(dev)).long()
+    G = units.shape[0]
+    if not 0 <= k <= G:
+        raise ValueError(f"penalty_select: k must be in [0, {G}], got {k}")
+    _segment_quota(G, k, segments)  # validates the segments
+    if k == G:
+        return torch.arange(G, device=dev)
+    Wd = W.detach().double()
+    Hd = H.detach().double()
+    scale = float(Hd.diagonal().mean().clamp_min(1e-30))
+    Hd = Hd + float(damp) * scale * torch.eye(m, dtype=torch.float64, device=dev)
+    if rho is None:
+        rho = tuple(10.0 ** (-1.0 + 2.0 * t / max(rounds - 1, 1)) for t in range(rounds))
+    if start is None:
+        start = _keep_top((Wd.pow(2).sum(0) * Hd.diagonal())[units].sum(1), k, segments)
+    kept = start.to(dev)
+    rhs = (Wd @ Hd).t()  # (m, out): M W'^T = Hd W^T
+    history = []
+    for r in rho[:rounds]:
+        removed = torch.ones(G, dtype=torch.bool, device=dev)
+        removed[kept] = False
+        M = Hd.clone()
+        cols = units[removed].reshape(-1)
+        M[cols, cols] += r * scale
+        L, info = torch.linalg.cholesky_ex(M)
+        if int(info) == 0:
+            Minv = torch.cholesky_inverse(L)
+        else:  # M is positive definite once damped; only a damp of 0 on a singular H lands here
+            Minv = torch.linalg.pinv(M, hermitian=True)
+        Wp = (Minv @ rhs).t()
+        kept = _keep_top(removal_costs(Wp, Minv, units, groups is None), k, segments)
+        history.append(kept)
+    if return_history:
+        return kept, history
     return kept

@@ -82,10 +82,10 @@ def test_error_allocation_prunes_a_redundant_block_more():
     assert dup.blocks[1]["mlp_width"] < plain.blocks[1]["mlp_width"]
 
 
-def test_uniform_allocation_is_the_default_path():
+def test_uniform_allocation_ignores_the_block_cap():
     a, b = tiny_llama(), tiny_llama()
     toks = random_tokens(4, 24)
-    prune(a, toks, PruneConfig(sparsity=0.25, progress=False))
+    prune(a, toks, PruneConfig(sparsity=0.25, allocation="uniform", progress=False))
     prune(b, toks, PruneConfig(sparsity=0.25, allocation="uniform", max_block_sparsity=0.3, progress=False))
     ev = random_tokens(2, 24, seed=3)
     with torch.no_grad():
@@ -112,6 +112,9 @@ def test_obs_selection_runs_and_lowers_error(family):
 @pytest.mark.parametrize("kw, msg", [
     ({"selection": "best"}, "selection must be"),
     ({"selection": "obs", "method": "wanda-sp"}, "needs method 'fasp'"),
+    ({"selection": "spap", "method": "depth2"}, "needs method 'fasp'"),
+    ({"selection": "spap", "spap_rounds": 0}, "spap_rounds must be"),
+    ({"method": "depth3"}, "method must be one of"),
     ({"allocation": "owl"}, "allocation must be"),
     ({"max_block_sparsity": 1.0}, "max_block_sparsity"),
 ])

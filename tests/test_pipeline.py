@@ -193,7 +193,8 @@ def test_mlp_only_reloads_with_plain_transformers(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
     m = MAKERS[family]()
-    prune(m, random_tokens(4, 24), _cfg(sparsity=0.25, mlp_only=True))
+    # uniform allocation: every block keeps the same width, an ordinary config
+    prune(m, random_tokens(4, 24), _cfg(sparsity=0.25, mlp_only=True, allocation="uniform"))
     assert not hasattr(m.config, "fasp_ext")
     save_pruned(m, tmp_path / "p")
     m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
@@ -301,13 +302,16 @@ def test_load_pruned_missing_path(tmp_path):
 
 def test_gqa_groups_move_together():
     """With GQA every query head of a group loses the same value channels."""
-    m = tiny_llama(kv_heads=2)
-    prune(m, random_tokens(4, 24), _cfg(sparsity=0.25))
-    ad = adapter_for(m)
-    for b in ad.blocks(m):
-        v, o = ad.value_pair(b)
+    for allocation in ("uniform", "flap"):
+        m = tiny_llama(kv_heads=2)
+        prune(m, random_tokens(4, 24), _cfg(sparsity=0.25, allocation=allocation))
+        ad = adapter_for(m)
         n, kv, hd = ad.head_geometry(m.config)
-        assert v.out_features == kv * 12 and o.in_features == n * 12
+        dvs = [ad.value_pair(b)[0].out_features // kv for b in ad.blocks(m)]
+        for b, dv in zip(ad.blocks(m), dvs):
+            v, o = ad.value_pair(b)
+            assert v.out_features == kv * dv and o.in_features == n * dv
+        assert sum(dvs) == len(dvs) * 12 and (allocation == "flap" or set(dvs) == {12})
 
 
 def test_output_correction_equals_rerunning_the_block(family):
@@ -328,12 +332,12 @@ def test_post_norm_opt_prunes_and_reloads(tmp_path):
     assert torch.equal(logits(m2, ev), logits(m, ev))
 
 
-@pytest.mark.parametrize("method", ["flap", "fasp-intercept"])
+@pytest.mark.parametrize("method", ["flap", "fasp-intercept", "depth2"])
 def test_bias_fitting_methods_add_biases_and_reload(family, method, tmp_path):
-    """FLAP's bias compensation and the intercept fit give bias-less projections (LLaMA) a bias;
-    load_pruned rebuilds it."""
+    """FLAP's bias compensation, the intercept fit and depth2's two-step reconstruction give
+    bias-less projections (LLaMA) a bias; load_pruned rebuilds it."""
     m = MAKERS[family]()
-    cfg = _cfg(sparsity=0.3, method="flap") if method == "flap" else _cfg(sparsity=0.3, intercept=True)
+    cfg = _cfg(sparsity=0.3, intercept=True) if method == "fasp-intercept" else _cfg(sparsity=0.3, method=method)
     prune(m, random_tokens(6, 24), cfg)
     ad = adapter_for(m)
     for b in ad.blocks(m):
@@ -356,3 +360,76 @@ def test_flap_bias_compensation_is_exact_for_constant_inputs():
     kept = torch.tensor([0, 1, 3, 4, 5])
     Wn, bn, _ = _restore(W, None, st, kept, None, _cfg(method="flap"), restore=False)
     torch.testing.assert_close(X[:, kept] @ Wn.t() + bn, X @ W.t(), rtol=1e-5, atol=1e-5)
+
+
+def _stats_of(X):
+    st = Stats.new(X.shape[1], "cpu")
+    st.add(X)
+    return st
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_depth2_selects_by_the_second_moment_of_each_units_output(grouped):
+    """depth2 keeps the units of largest sum over their columns of ||W[:, c]||^2 sum_t x_c^2, i.e. of
+    the energy of the unit's contribution to the output, E||W[:, c] x_c||^2."""
+    from fasp_ext.pipeline import _select
+    from fasp_ext.reference import select_top
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(64, 12, generator=g) * torch.rand(12, generator=g) * 3
+    W = torch.randn(5, 12, generator=g) * torch.rand(12, generator=g)
+    st = _stats_of(X)
+    groups = torch.arange(12).view(2, 2, 3).permute(0, 2, 1).reshape(6, 2) if grouped else None
+    energy = torch.stack([(X[:, c:c + 1] @ W[:, c:c + 1].t()).pow(2).sum() for c in range(12)])
+    if grouped:
+        energy = energy[groups].sum(1)
+    k, seg = (4, 2) if grouped else (7, 1)
+    kept = _select(_cfg(method="depth2"), W, st, k, groups, seg, torch.Generator())
+    assert torch.equal(kept, select_top(energy, k, seg))
+
+
+def test_depth2_reconstruction_is_the_intercept_fit():
+    """depth2's two-step reconstruction (removed mean into the bias, least squares on the rest) is the
+    joint fit of the kept weights and a bias: identical to fasp with intercept=True, and at damp 0
+    equal to ordinary least squares with a constant column (torch.linalg.lstsq)."""
+    from fasp_ext.pipeline import _restore
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(80, 8, generator=g, dtype=torch.float64) + torch.rand(8, generator=g, dtype=torch.float64) * 2
+    W = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    st = _stats_of(X.float())
+    kept = torch.tensor([0, 2, 3, 5, 7])
+    a = _restore(W.float(), None, st, kept, None, _cfg(method="depth2", damp=0.1), restore=True)
+    b = _restore(W.float(), None, st, kept, None, _cfg(method="fasp", intercept=True, damp=0.1), restore=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    Wn, bn, _ = _restore(W.float(), None, st, kept, None, _cfg(method="depth2", damp=0.0), restore=True)
+    A = torch.cat([X[:, kept], torch.ones(80, 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(A, X @ W.t()).solution.t()
+    torch.testing.assert_close(Wn.double(), sol[:, :-1], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(bn.double(), sol[:, -1], rtol=1e-3, atol=1e-3)
+
+
+def test_default_allocation_is_the_methods_own(family):
+    """FASP and FLAP allocate per block by FLAP's ranking unless told otherwise; the baselines prune
+    every block alike. The default run equals an explicit allocation='flap' run."""
+    assert PruneConfig().allocation_kind == "flap" and PruneConfig(method="flap").allocation_kind == "flap"
+    for meth in ("wanda-sp", "depth2", "magnitude", "random"):
+        assert PruneConfig(method=meth).allocation_kind == "uniform"
+    assert PruneConfig(allocation="uniform").allocation_kind == "uniform"
+    a, b = MAKERS[family](), MAKERS[family]()
+    toks = random_tokens(6, 24)
+    ra = prune(a, toks, _cfg(sparsity=0.3))
+    prune(b, toks, _cfg(sparsity=0.3, allocation="flap"))
+    assert ra.allocation == "flap" and "allocation_forward" in ra.times
+    ev = random_tokens(2, 24, seed=3)
+    assert torch.equal(logits(a, ev), logits(b, ev))
+
+
+@pytest.mark.parametrize("selection", ["obs", "spap"])
+def test_error_aware_selections_run_end_to_end(family, selection, tmp_path):
+    m = MAKERS[family]()
+    rep = prune(m, random_tokens(6, 24), _cfg(sparsity=0.3, selection=selection, spap_rounds=3))
+    assert all(b["mlp_solver"]["path"] != "none" for b in rep.blocks)
+    m2 = load_pruned(save_pruned(m, tmp_path / "p"))
+    ev = random_tokens(2, 24, seed=3)
+    assert torch.equal(logits(m2, ev), logits(m, ev))

@@ -111,3 +111,67 @@ def test_bad_arguments():
         obs_select(W, H[:5, :5], 3)
     with pytest.raises(ValueError, match="segments"):
         obs_select(W, H, 3, segments=5)
+
+
+# ----------------------------------------------------------------------------- SPAP-style penalty selection
+from fasp_ext.selection import penalty_select  # noqa: E402
+
+
+def _restored_error(W, H, kept, damp=1e-4):
+    Wn, _ = reference.restore(W, H, kept, damp)
+    D = W.clone()
+    D[:, kept] -= Wn
+    return float((D @ H * D).sum())
+
+
+def test_penalty_select_on_uncorrelated_inputs_keeps_the_top_diagonal_costs():
+    # with a diagonal H no column can take over another's work: the kept set is the top-k of
+    # ||W[:, c]||^2 (H_cc + lam), whatever the penalty does
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    H = torch.diag(torch.rand(16, generator=g, dtype=torch.float64) * 4 + 0.1)
+    lam = 0.1 * float(H.diagonal().mean())
+    cost = W.pow(2).sum(0) * (H.diagonal() + lam)
+    ref = torch.sort(torch.topk(cost, 10).indices).values
+    kept, hist = penalty_select(W, H, 10, damp=0.1, rounds=4, return_history=True)
+    assert torch.equal(kept, ref) and len(hist) == 4
+    assert all(torch.equal(h, ref) for h in hist)
+
+
+def test_penalty_select_drops_a_redundant_twin_the_score_keeps():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 6, generator=g)
+    X[:, 1] = X[:, 0] + 1e-3 * torch.randn(200, generator=g)
+    X[:, :2] *= 5
+    W = torch.randn(4, 6, generator=g)
+    H = X.T @ X
+    by_score = reference.score_select(W, (X * X).sum(0), 5)
+    assert {0, 1} <= set(by_score.tolist())
+    by_pen = penalty_select(W, H, 5, damp=1e-4, start=by_score)
+    assert not {0, 1} <= set(by_pen.tolist())
+    assert _restored_error(W, H, by_pen) < 0.1 * _restored_error(W, H, by_score)
+
+
+def test_penalty_select_groups_segments_and_no_worse_than_its_start():
+    W, H = _problem(out=6, m=24, n=60, seed=4)
+    groups = torch.arange(24).view(2, 2, 6).permute(0, 2, 1).reshape(12, 2)  # 2 kv heads x 6 channels x 2
+    start = torch.tensor([0, 1, 2, 6, 7, 8])
+    kept = penalty_select(W.float(), H.float(), 6, groups=groups, segments=2, damp=0.05, start=start)
+    assert kept.dtype == torch.int64 and torch.equal(kept, torch.sort(kept).values)
+    assert (kept < 6).sum() == 3 and (kept >= 6).sum() == 3
+
+    def err(units):
+        return _restored_error(W, H, torch.sort(groups[units].reshape(-1)).values, damp=0.05)
+
+    assert err(kept) <= err(start) + 1e-9
+    assert torch.equal(penalty_select(W, H, 12, groups=groups, segments=2), torch.arange(12))
+
+
+def test_penalty_select_bad_arguments():
+    W, H = _problem()
+    with pytest.raises(ValueError, match="k must be"):
+        penalty_select(W, H, 13)
+    with pytest.raises(ValueError, match="rounds must be"):
+        penalty_select(W, H, 3, rounds=0)
+    with pytest.raises(ValueError, match="segments"):
+        penalty_select(W, H, 3, segments=5)
