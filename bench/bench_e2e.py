@@ -92,7 +92,7 @@ def worker(args) -> dict:
         out["blocks"] = len(ad.blocks(model))
     else:
         cfg = PruneConfig(sparsity=args.sparsity, one_pass=args.mode == "one-pass", device=args.device,
-                          batch_size=args.batch_size, progress=False)
+                          batch_size=args.batch_size, allocation=args.allocation, progress=False)
         t = time.perf_counter()
         rep = prune(model, tokens, cfg)
         out["seconds"] = time.perf_counter() - t
@@ -111,6 +111,8 @@ def run_worker(ns, model: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--model", model, "--mode", mode, "--nsamples", str(ns.nsamples),
            "--seqlen", str(ns.seqlen), "--device", ns.device, "--batch-size", str(ns.batch_size),
            "--sparsity", str(ns.sparsity), "--threads", str(ns.threads), "--eval-windows", str(ns.eval_windows)]
+    if ns.allocation:
+        cmd += ["--allocation", ns.allocation]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if res.returncode != 0:
         raise RuntimeError(f"worker {model}/{mode} failed:\n{res.stderr[-3000:]}")
@@ -122,14 +124,15 @@ def to_markdown(info: dict, rows: list[dict]) -> str:
              f"- machine: {info.get('cpu', '')}, {info.get('cores', '')} cores; torch {info['torch']}; "
              f"git {info['git_commit'][:12]}", f"- calibration: {rows[0]['dense']['nsamples']} x {rows[0]['dense']['seqlen']} tokens, "
              f"sparsity {info['sparsity']:.0%} (MLP + value channels)", "",
-             "| model | git | dense forward s | sequential s | ratio | one-pass s | ratio | peak MiB dense / seq / one-pass |"
-             " ppl P&P seq / one-pass |", "|---|---|---|---|---|---|---|---|---|"]
+             "| model | git | allocation | dense forward s | sequential s | ratio | one-pass s | ratio | peak MiB dense / seq / one-pass |"
+             " ppl P&P seq / one-pass |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ppl = (f"{r['sequential'].get('ppl_prideprejudice', float('nan')):.2f} / "
                f"{r['one-pass'].get('ppl_prideprejudice', float('nan')):.2f}") if "ppl_prideprejudice" in r[
             "sequential"] else "-"
         lines.append(
-            f"| {r['model']} | {r.get('git_commit', info['git_commit'])[:7]} | {r['dense']['seconds']:.2f} | "
+            f"| {r['model']} | {r.get('git_commit', info['git_commit'])[:7]} | {r.get('allocation', 'uniform')} | "
+            f"{r['dense']['seconds']:.2f} | "
             f"{r['sequential']['seconds']:.2f} | "
             f"{r['ratio_sequential']:.2f} | {r['one-pass']['seconds']:.2f} | {r['ratio_one_pass']:.2f} | "
             f"{r['dense']['peak_mib']:.0f} / {r['sequential']['peak_mib']:.0f} / {r['one-pass']['peak_mib']:.0f} | "
@@ -153,6 +156,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--allocation", default=None, choices=["uniform", "error", "flap"],
+                    help="per-block allocation (default: the library's default for fasp)")
     ap.add_argument("--eval-windows", type=int, default=32, help="P&P windows for the SmolLM2 accuracy check")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -165,10 +170,13 @@ def main() -> None:
     from bench_ops import machine_info
 
     info = machine_info(torch.device(ns.device))
-    info.update({"device": ns.device, "sparsity": ns.sparsity})
+    from fasp_ext.pipeline import PruneConfig
+
+    info.update({"device": ns.device, "sparsity": ns.sparsity,
+                 "allocation": PruneConfig(allocation=ns.allocation).allocation_kind})
     rows = []
     for model in ns.models:
-        r = {"model": model, "git_commit": info["git_commit"]}
+        r = {"model": model, "git_commit": info["git_commit"], "allocation": info["allocation"]}
         for mode in ("dense", "sequential", "one-pass"):
             r[mode] = run_worker(ns, model, mode)
             print(f"{model:>16} {mode:>10}: {r[mode]['seconds']:.2f} s, peak {r[mode]['peak_mib']:.0f} MiB", flush=True)
@@ -183,7 +191,8 @@ def main() -> None:
     if old.exists():  # keep the rows of models not re-run this time, each with the commit it came from
         prev = json.loads(old.read_text())
         done = {r["model"] for r in rows}
-        kept = [{**r, "git_commit": r.get("git_commit", prev["info"]["git_commit"])}
+        kept = [{**r, "git_commit": r.get("git_commit", prev["info"]["git_commit"]),
+                 "allocation": r.get("allocation", prev["info"].get("allocation", "uniform"))}
                 for r in prev["rows"] if r["model"] not in done]
         order = {m: i for i, m in enumerate(["smollm2", *SYNTHETIC])}
         rows = sorted(rows + kept, key=lambda r: order.get(r["model"], len(order)))

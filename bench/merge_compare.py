@@ -50,7 +50,7 @@ def merge(parts: list[dict], sources: list[str]) -> dict:
     rest = sorted((r for k, r in rows.items() if k[0] != "dense"), key=lambda r: (r["sparsity"], r["method"]))
     out = {k: base[k] for k in base if k != "rows"}
     out["rows"] = dense[-1:] + rest
-    out["merged_from"] = sources
+    out["merged_from"] = [src for p, own in zip(parts, sources) for src in p.get("merged_from", [own])]
     return out
 
 

@@ -11,21 +11,25 @@ export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 python bench/bench_ops.py --device "$DEVICE"
 python bench/bench_e2e.py --device "$DEVICE"
 python bench/bench_inference.py --device "$DEVICE"
-# baselines and FASP at 10/20/30 % (the README's quality table)
+# baselines and FASP at 10/20/30 % (the README's quality table). A bare method name takes that
+# method's own allocation (FLAP's ranking for fasp and flap, uniform for the others).
 python -m fasp_ext compare --model smollm2 --device "$DEVICE" --quiet \
-  --methods magnitude wanda-sp flap fasp --sparsities 0.1 0.2 0.3 \
+  --methods magnitude wanda-sp flap:allocation=uniform flap depth2 fasp:allocation=uniform fasp \
+  --sparsities 0.1 0.2 0.3 \
   --calib austen:emma --eval austen:prideprejudice jargon --nsamples 128 --seqlen 512 --eval-windows 32 \
   --out bench/results --stem compare_smollm2
 # screening of the stronger options at 30 % on a small calibration set
 python -m fasp_ext compare --model smollm2 --device "$DEVICE" --quiet \
-  --methods fasp fasp:selection=obs fasp:allocation=error fasp:allocation=flap fasp:damp=auto fasp:intercept=true \
-  fasp:target=dense fasp:allocation=flap,target=dense flap flap:allocation=flap --sparsities 0.3 \
+  --methods fasp:allocation=uniform fasp fasp:selection=obs,allocation=uniform fasp:selection=spap \
+  fasp:allocation=uniform,selection=spap fasp:allocation=error fasp:allocation=error,selection=obs \
+  fasp:damp=auto,allocation=uniform fasp:intercept=true,allocation=uniform fasp:target=dense,allocation=uniform \
+  fasp:allocation=flap,target=dense flap:allocation=uniform flap depth2 depth2:allocation=flap --sparsities 0.3 \
   --calib austen:emma --eval austen:prideprejudice jargon --nsamples 32 --seqlen 512 --eval-windows 16 \
   --out bench/results --stem options30_screen_smollm2
 # the promising options at full calibration
 python -m fasp_ext compare --model smollm2 --device "$DEVICE" --quiet \
-  --methods fasp fasp:allocation=flap fasp:target=dense fasp:allocation=flap,target=dense flap:allocation=flap \
-  --sparsities 0.3 --calib austen:emma --eval austen:prideprejudice jargon --nsamples 128 --seqlen 512 \
+  --methods fasp:allocation=uniform fasp fasp:target=dense,allocation=uniform fasp:allocation=flap,target=dense \
+  flap fasp:selection=spap fasp:allocation_samples=16 --sparsities 0.3 --calib austen:emma --eval austen:prideprejudice jargon --nsamples 128 --seqlen 512 \
   --eval-windows 32 --out bench/results --stem options30_smollm2
 
 python bench/magnitude_diagnosis.py

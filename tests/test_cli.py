@@ -127,3 +127,25 @@ def test_compare_rejects_a_bad_method_before_any_work(model_dir, texts, tmp_path
             "--out", str(tmp_path / "c"), "--methods", "fasp:allocation=owl", "--quiet"]
     assert main(args) != 0
     assert not (tmp_path / "c").exists()
+
+
+def test_merge_spells_out_the_allocation_of_rows_from_before_the_default_changed():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("merge_compare", Path(__file__).parents[1] / "bench" / "merge_compare.py")
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+    base = {"model": "m", "calib": "c", "nsamples": 1, "seqlen": 8, "seed": 0, "evals": ["e"], "eval_windows": {"e": 1}}
+    old = dict(base, rows=[{"method": "dense", "sparsity": 0.0, "e": 1.0},
+                           {"method": "fasp", "sparsity": 0.3, "e": 3.0},
+                           {"method": "fasp:damp=auto", "sparsity": 0.3, "e": 4.0},
+                           {"method": "fasp:allocation=flap", "sparsity": 0.3, "e": 2.0},
+                           {"method": "wanda-sp", "sparsity": 0.3, "e": 5.0}])
+    new = dict(base, rows=[{"method": "fasp", "sparsity": 0.3, "e": 2.0, "allocation": "flap"}])
+    rows = {(r["method"], r.get("allocation")): r["e"] for r in mc.merge([old, new], ["a.json", "b.json"])["rows"]}
+    assert rows == {("dense", None): 1.0, ("fasp:allocation=uniform", "uniform"): 3.0,
+                    ("fasp:damp=auto,allocation=uniform", "uniform"): 4.0, ("fasp:allocation=flap", "flap"): 2.0,
+                    ("wanda-sp", "uniform"): 5.0, ("fasp", "flap"): 2.0}
+    with pytest.raises(SystemExit, match="settings differ"):
+        mc.merge([old, dict(new, seqlen=16)], ["a.json", "b.json"])
