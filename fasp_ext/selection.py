@@ -59,7 +59,7 @@ def obs_select(W: torch.Tensor, H: torch.Tensor, k: int, groups: torch.Tensor | 
     m = W.shape[1]
     dev = W.device
     units = (torch.arange(m, device=dev).view(m, 1) if groups is None else groups.to(dev)).long()
-    G, r = units.shape
+    G = units.shape[0]
     if not 0 <= k <= G:
         raise ValueError(f"obs_select: k must be in [0, {G}], got {k}")
     seg_of, quota = _segment_quota(G, k, segments)
@@ -114,7 +114,6 @@ def obs_select(W: torch.Tensor, H: torch.Tensor, k: int, groups: torch.Tensor | 
     if return_curve:
         return kept, (curve_k, curve_e)
     return kept
-
 
 
 def _keep_top(cost: torch.Tensor, k: int, segments: int) -> torch.Tensor:
