@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--allocation", default=None, choices=["uniform", "error", "flap"],
+    ap.add_argument("--allocation", default=None, choices=["uniform", "error", "flap", "flap-am"],
                     help="per-block allocation (default: the library's default for fasp)")
     ap.add_argument("--eval-windows", type=int, default=32, help="P&P windows for the SmolLM2 accuracy check")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))

@@ -17,8 +17,12 @@ Costs:
 
 The dense pass uses the first ``allocation_samples`` calibration windows only: the curves need far
 less data than the restoration, and the pass then costs a fraction of a calibration forward.
-- ``"flap"``: FLAP's adaptive structure (An et al., 2024): the fluctuation score of each unit,
-  standardised per block (mean 0, std 1), ranked across blocks.
+- ``"flap"``: FLAP's adaptive structure (An et al., 2024) across layers, per module ("AL-MM"): the
+  fluctuation score of each unit, standardised per block (mean 0, std 1), ranked across blocks.
+- ``"flap-am"``: the same scores ranked across layers *and* modules ("AL-AM", FLAP's own default):
+  value channels and MLP neurons compete in one ranking, and the budget is in parameters (a unit
+  weighs the parameters its removal frees), so the split between attention and MLP moves too; the
+  total of pruned parameters is what uniform pruning removes, up to the rounding of the steps.
 
 A block keeps at least ``1 - max_block_sparsity`` of each structure (default: removes at most twice
 the structure's overall sparsity, and never more than 90 %).
@@ -32,7 +36,7 @@ import torch
 
 from .calibration import Stats, collect, fluctuation_scores, run_block
 
-ALLOCATIONS = ("uniform", "error", "flap")
+ALLOCATIONS = ("uniform", "error", "flap", "flap-am")
 
 
 def _steps(full: int, lowest: int, step: int) -> list[int]:
@@ -150,23 +154,45 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer) -> list[dict]:
                 lowest = kept_count(full, min(cap, 1.0 - 1.0 / full), step)
                 ks = _steps(full, lowest, step)
                 if len(ks) < 2:
-                    entry.append((ks, []))
+                    entry.append((ks, [], 1))
                     continue
                 if kind == "error":
                     energy = energy_in if which == "attn" else energy_out
                     costs = _error_costs(W, st, ks, groups, segments, damp, max(energy, 1e-30))
                 else:
                     costs = _flap_costs(W, st, ks, groups, segments)
-                entry.append((ks, costs))
+                entry.append((ks, costs, _unit_params(adapter, block, mcfg, which)))
         per_block.append(entry)
         blocks[i] = block.to(home)
+    # one greedy per structure, or (flap-am) one over both with counts weighed in parameters
+    parts = [(idx, key, frac, mult) for idx, key, frac, mult in
+             ((0, "v_keep", attn_f, cfg.attn_multiple), (1, "mlp_keep", mlp_f, cfg.mlp_multiple))
+             if frac > 0 and per_block[0][idx] is not None]
+    groups_ = [parts] if kind == "flap-am" else [[p] for p in parts]
     result = [{"v_keep": None, "mlp_keep": None} for _ in blocks]
-    for idx, key, frac, mult in ((0, "v_keep", attn_f, cfg.attn_multiple), (1, "mlp_keep", mlp_f, cfg.mlp_multiple)):
-        rows = [e[idx] for e in per_block]
-        if frac <= 0 or rows[0] is None:
-            continue
-        budget = sum(kept_count(ks[0], frac, mult) for ks, _ in rows)
-        pos = greedy_budget([c for _, c in rows], [ks for ks, _ in rows], budget)
-        for b, (ks, _) in enumerate(rows):
-            result[b][key] = ks[pos[b]]
+    for group in groups_:
+        keys, steps, costs, weights, uniform = [], [], [], [], []
+        for idx, key, frac, mult in group:
+            for b in range(len(blocks)):
+                ks, c, unit = per_block[b][idx]
+                keys.append((b, key))
+                steps.append(ks)
+                costs.append(c)
+                weights.append(unit if kind == "flap-am" else 1)
+                uniform.append(kept_count(ks[0], frac, mult))
+        budget = sum(k * w for k, w in zip(uniform, weights))
+        pos = greedy_budget(costs, [[k * w for k in ks] for ks, w in zip(steps, weights)], budget)
+        for (b, key), ks, p in zip(keys, steps, pos):
+            result[b][key] = ks[p]
     return result
+
+
+def _unit_params(adapter, block, mcfg, which: str) -> int:
+    """Parameters freed by one step unit: a value channel in every kv head (its v_proj rows and the
+    o_proj columns of every query head reading it), or one MLP neuron (its input rows, output column)."""
+    if which == "attn":
+        v, o = adapter.value_pair(block)
+        n, kv, _ = adapter.head_geometry(mcfg)
+        return kv * (v.in_features + (v.bias is not None)) + n * o.out_features
+    ins, out = adapter.mlp_pair(block)
+    return sum(lin.in_features + (lin.bias is not None) for lin in ins) + out.out_features

@@ -35,9 +35,10 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--selection", default="score", choices=["score", "obs", "spap"],
                    help="fasp: choose removed units by score (default), by greedy least-squares cost (obs), or by "
                         "SPAP-style alternating re-selection and re-fit under a growing penalty (spap)")
-    p.add_argument("--allocation", default=None, choices=["uniform", "error", "flap"],
-                   help="per-block sparsity: uniform, by restored-error curves, or FLAP's ranking across blocks "
-                        "(default: the method's own; flap for fasp and flap, uniform for the others)")
+    p.add_argument("--allocation", default=None, choices=["uniform", "error", "flap", "flap-am"],
+                   help="per-block sparsity: uniform, by restored-error curves, FLAP's ranking across blocks (flap) "
+                        "or across blocks and modules with a parameter budget (flap-am) (default: the method's own; "
+                        "flap for fasp and flap, uniform for the others)")
     p.add_argument("--target", default="pruned", choices=["pruned", "dense"],
                    help="restore toward the pruned model's own outputs (default) or the dense model's")
     p.add_argument("--max-block-sparsity", type=float, default=None,

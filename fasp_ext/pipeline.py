@@ -82,8 +82,9 @@ class PruneConfig:
     #: penalty on the removed units, ``spap_rounds`` rounds); fasp_ext/selection.py
     selection: str = "score"
     spap_rounds: int = 5
-    #: how many units each block keeps: "uniform", "error" (by each block's restored-error curve) or
-    #: "flap" (FLAP's standardised fluctuation scores ranked across blocks); same total per structure.
+    #: how many units each block keeps: "uniform", "error" (by each block's restored-error curve),
+    #: "flap" (FLAP's standardised fluctuation scores ranked across blocks; same total per structure)
+    #: or "flap-am" (ranked across blocks and structures; same total of parameters).
     #: None (default): the method's own, ``DEFAULT_ALLOCATION`` ("flap" for fasp and flap, "uniform"
     #: for the others). Non-uniform allocation costs one extra dense pass over ``allocation_samples``
     #: windows (fasp_ext/allocation.py) and gives blocks different widths (reload with load_pruned)

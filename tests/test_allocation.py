@@ -72,6 +72,41 @@ def test_allocation_keeps_the_uniform_total_and_reloads(family, allocation, tmp_
         assert torch.equal(m2(ev).logits, m(ev).logits)
 
 
+@pytest.mark.parametrize("family", list(MAKERS))
+def test_flap_am_moves_budget_between_structures_for_the_same_parameters(family, tmp_path):
+    """Across layers and modules: value channels and MLP neurons compete in one ranking, so the split
+    may differ from uniform, but the parameters removed are what uniform removes, up to one step."""
+    toks = random_tokens(8, 24)
+    u, a = MAKERS[family](), MAKERS[family]()
+    ru = prune(u, toks, PruneConfig(sparsity=0.25, allocation="uniform", progress=False))
+    ra = prune(a, toks, PruneConfig(sparsity=0.25, allocation="flap-am", progress=False))
+    ad = adapter_for(a)
+    block = ad.blocks(MAKERS[family]())[0]
+    n, kv, hd = ad.head_geometry(a.config)
+    ins, out = ad.mlp_pair(block)
+    v, _ = ad.value_pair(block)
+    step = max(8 * (sum(l.in_features + (l.bias is not None) for l in ins) + out.out_features),
+               kv * (v.in_features + (v.bias is not None)) + n * out.out_features)
+    removed_u = ru.params_before - ru.params_after
+    removed_a = ra.params_before - ra.params_after
+    assert removed_u <= removed_a < removed_u + step
+    assert ra.allocation == "flap-am"
+    ev = random_tokens(2, 24, seed=3)
+    m2 = load_pruned(save_pruned(a, tmp_path / "p"))
+    with torch.no_grad():
+        assert torch.equal(m2(ev).logits, a(ev).logits)
+
+
+def test_greedy_budget_in_weighted_counts_spends_the_cheapest_steps_first():
+    # two "structures" of different unit weight, the budget in weighted units (start: 40 + 8 = 48)
+    counts = [[4 * 10, 3 * 10, 2 * 10], [8, 6, 4]]   # row 0: 10 params per unit, row 1: 1
+    costs = [[0.1, 5.0], [0.2, 0.3]]
+    assert greedy_budget(costs, counts, budget=48) == [0, 0]
+    assert greedy_budget(costs, counts, budget=38) == [1, 0]  # the cheapest step: 48 -> 38
+    assert greedy_budget(costs, counts, budget=36) == [1, 1]  # then 0.2: 38 -> 36
+    assert greedy_budget(costs, counts, budget=35) == [1, 2]  # then 0.3 before 5.0: 36 -> 34
+
+
 def test_error_allocation_prunes_a_redundant_block_more():
     # LLaMA only: the tiny random OPT's ReLU MLP inputs are dominated by their mean (random biases,
     # 0.02-std weights), so every neuron there is already nearly redundant and copies change little
