@@ -28,6 +28,19 @@ def _segment_quota(G: int, k: int, segments: int) -> tuple[torch.Tensor, int]:
     return torch.arange(G) // per, per - k // segments
 
 
+def _check_units(name: str, W: torch.Tensor, H: torch.Tensor, k: int, groups, segments: int):
+    """Validate the arguments shared by the selections; return (units (G, r) int64, segment of each unit)."""
+    if W.dim() != 2 or H.dim() != 2 or H.shape[0] != H.shape[1] or H.shape[0] != W.shape[1]:
+        raise ValueError(f"{name}: W (out, m) and H (m, m) do not match: {tuple(W.shape)}, {tuple(H.shape)}")
+    m = W.shape[1]
+    units = (torch.arange(m, device=W.device).view(m, 1) if groups is None else groups.to(W.device)).long()
+    G = units.shape[0]
+    if not 0 <= k <= G:
+        raise ValueError(f"{name}: k must be in [0, {G}], got {k}")
+    seg_of, quota = _segment_quota(G, k, segments)
+    return units, seg_of.to(W.device), quota
+
+
 def removal_costs(W: torch.Tensor, Hinv: torch.Tensor, units: torch.Tensor, columns: bool) -> torch.Tensor:
     """Per unit U (a row of ``units``), ``tr(W_U (Hinv_UU)^-1 W_U^T)``: the exact increase of the quadratic
     ``tr((W' - W) M (W' - W)^T)`` at its minimum W' = W when unit U is forced to zero and the other
@@ -54,16 +67,8 @@ def obs_select(W: torch.Tensor, H: torch.Tensor, k: int, groups: torch.Tensor | 
     With ``return_curve``, also returns ``(kept_counts, errors)``: the restored (damped) error
     tr(dW (H + lam I) dW^T) after each update, starting with (G, 0).
     """
-    if W.dim() != 2 or H.dim() != 2 or H.shape[0] != H.shape[1] or H.shape[0] != W.shape[1]:
-        raise ValueError(f"obs_select: W (out, m) and H (m, m) do not match: {tuple(W.shape)}, {tuple(H.shape)}")
-    m = W.shape[1]
-    dev = W.device
-    units = (torch.arange(m, device=dev).view(m, 1) if groups is None else groups.to(dev)).long()
-    G = units.shape[0]
-    if not 0 <= k <= G:
-        raise ValueError(f"obs_select: k must be in [0, {G}], got {k}")
-    seg_of, quota = _segment_quota(G, k, segments)
-    seg_of = seg_of.to(dev)
+    units, seg_of, quota = _check_units("obs_select", W, H, k, groups, segments)
+    m, dev, G = W.shape[1], W.device, units.shape[0]
     left = torch.full((segments,), quota, dtype=torch.long, device=dev)
     Wd = W.detach().double().clone()
     Hd = H.detach().double()
@@ -148,17 +153,10 @@ def penalty_select(W: torch.Tensor, H: torch.Tensor, k: int, groups: torch.Tenso
     ``sum_c ||W[:, c]||^2 Hd_cc``). The caller restores the final kept set exactly (``ops.restore``).
     With ``return_history``, also returns the kept set after every round.
     """
-    if W.dim() != 2 or H.dim() != 2 or H.shape[0] != H.shape[1] or H.shape[0] != W.shape[1]:
-        raise ValueError(f"penalty_select: W (out, m) and H (m, m) do not match: {tuple(W.shape)}, {tuple(H.shape)}")
     if rounds < 1:
         raise ValueError(f"penalty_select: rounds must be >= 1, got {rounds}")
-    m = W.shape[1]
-    dev = W.device
-    units = (torch.arange(m, device=dev).view(m, 1) if groups is None else groups.to(dev)).long()
-    G = units.shape[0]
-    if not 0 <= k <= G:
-        raise ValueError(f"penalty_select: k must be in [0, {G}], got {k}")
-    _segment_quota(G, k, segments)  # validates the segments
+    units, _, _ = _check_units("penalty_select", W, H, k, groups, segments)
+    m, dev, G = W.shape[1], W.device, units.shape[0]
     if k == G:
         return torch.arange(G, device=dev)
     Wd = W.detach().double()
