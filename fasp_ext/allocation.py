@@ -117,7 +117,7 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer) -> list[dict]:
     kind = cfg.allocation_kind
     need_gram = kind == "error"
     damp = cfg.selection_damp
-    per_block = []  # (attn (ks, costs) | None, mlp (ks, costs) | None)
+    per_block = []  # per block: (attn, mlp), each (kept counts, step costs, parameters per unit) or None
     for i in range(len(blocks)):
         block = blocks[i].to(device)
         hooks, st_o, st_d = [], None, None
