@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
+
+from .safety import (Terminated, UserError, check_device, check_free_space, check_model_folder, check_out,
+                     handle_signals, signal_received)
 
 log = logging.getLogger("fasp_ext")
 
@@ -90,32 +96,85 @@ def _check_positive(name: str, v: int) -> None:
         raise ValueError(f"--{name} must be >= 1, got {v}")
 
 
-def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> dict:
-    import torch
+def _text_paths(specs) -> list[Path]:
+    """The local files/folders among text specs (they must survive --overwrite)."""
+    paths = []
+    for spec in specs:
+        for part in str(spec).split(","):
+            p = Path(part.strip()).expanduser()
+            if part.strip() and p.exists():
+                paths.append(p)
+    return paths
 
+
+def _local_model_folder(spec: str) -> Path | None:
+    """The folder a model spec names, None for the embedded models (and hub-cache ids)."""
+    from . import models
+
+    if str(spec).lower() in models.MODEL_ALIASES:
+        return None
+    p = Path(str(spec)).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--model: {p} is not a folder (expected a save_pretrained folder)")
+    return p if p.is_dir() else None
+
+
+def _calibration(calib: str, text: str, args, tok, data) -> tuple[object, dict]:
+    """Calibration windows and what they cover; warns about texts that cannot calibrate well."""
+    seqlen, nsamples, seed = args.seqlen, args.nsamples, args.seed
+    bad = data.undecodable_fraction(text)
+    ids = data.tokenize_text(tok, text)
+    if ids.numel() < seqlen + 1:
+        raise UserError(f"--calib: {calib} has {ids.numel()} tokens, fewer than --seqlen + 1 = {seqlen + 1}")
+    tokens = data.calibration_windows(tok, ids, nsamples, seqlen, seed)
+    info = data.calibration_coverage(ids.numel(), nsamples, seqlen, seed)
+    info["undecodable_fraction"] = bad
+    if bad > 0.2:
+        log.warning("--calib: %.0f%% of %s is undecodable bytes or control characters (a binary file?); "
+                    "calibrating on it will damage the model", 100 * bad, calib)
+    if info["coverage"] < 0.5:
+        log.warning("--calib: %s has only %d tokens; the %d x %d windows overlap heavily and see %d distinct "
+                    "token positions (%.0f%% of the tokens requested); give a longer text or fewer --nsamples",
+                    calib, ids.numel(), nsamples, seqlen, info["unique_positions"], 100 * info["coverage"])
+    return tokens, info
+
+
+def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> dict:
     from . import data, models
     from .io import save_pruned
     from .pipeline import count_params, prune
 
-    cfg = _config_from(args)  # argument errors first, before any heavy work
+    # everything a user can get wrong is checked before anything heavy is loaded
+    cfg = _config_from(args)
     _check_positive("nsamples", args.nsamples)
     _check_positive("seqlen", args.seqlen)
-    outp = Path(out)
-    if outp.exists() and not args.overwrite:
-        raise FileExistsError(f"--out: {outp} already exists (use --overwrite to replace it)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)
     cfg.device = device
+    folder = _local_model_folder(model_spec)
+    n_params = None
+    if folder is not None:
+        mconf, n_params = check_model_folder(folder)
+        ctx = mconf.get("max_position_embeddings")
+        if isinstance(ctx, int) and args.seqlen > ctx:
+            raise UserError(f"--seqlen {args.seqlen} exceeds the model's context of {ctx} tokens")
+    protected = ([folder] if folder is not None else []) + _text_paths([calib, *evals])
+    outp = check_out(out, args.overwrite, protected)
+    if n_params:
+        nbytes = n_params * _dtype(args.dtype).itemsize
+        most = max(cfg.mlp_fraction, cfg.attn_fraction)
+        check_free_space(outp, need_min=int(nbytes * (1.0 - most)), need_max=nbytes + (64 << 20))
+    calib_text = data.load_text(calib, split="calib")  # texts before weights: a typo fails in a second
+    eval_texts = {e: data.load_text(e) for e in evals}
     t0 = time.perf_counter()
     model, tok = models.load_model(model_spec, dtype=_dtype(args.dtype), device="cpu")
     t_load = time.perf_counter() - t0
     ctx = getattr(model.config, "max_position_embeddings", None)
     if ctx is not None and args.seqlen > ctx:
-        raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context of {ctx} tokens")
-    calib_text = data.load_text(calib, split="calib")
-    tokens = data.calibration_windows(tok, calib_text, args.nsamples, args.seqlen, args.seed)
-    eval_sets = {e: data.eval_windows(tok, data.load_text(e), args.seqlen, args.eval_windows) for e in evals}
+        raise UserError(f"--seqlen {args.seqlen} exceeds the model's context of {ctx} tokens")
+    tokens, calib_info = _calibration(calib, calib_text, args, tok, data)
+    eval_sets = {e: data.eval_windows(tok, t, args.seqlen, args.eval_windows) for e, t in eval_texts.items()}
     result = {"model": model_spec, "calib": calib, "device": device, "dtype": args.dtype,
-              "nsamples": args.nsamples, "seqlen": args.seqlen, "load_seconds": t_load}
+              "nsamples": args.nsamples, "seqlen": args.seqlen, "load_seconds": t_load, "calibration": calib_info}
     ppl_before = {}
     for name, win in eval_sets.items():
         ppl_before[name] = data.perplexity(model.to(device), win, device=device, progress=not args.quiet)
@@ -132,10 +191,7 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     result.update({"params_before": dense_params, "prune_seconds": t_prune,
                    "perplexity_before": ppl_before, "perplexity_after": ppl_after,
                    "eval_windows": {k: int(v.shape[0]) for k, v in eval_sets.items()}})
-    t2 = time.perf_counter()
-    save_pruned(model, outp, tok, result, overwrite=args.overwrite)
-    result["save_seconds"] = time.perf_counter() - t2
-    (outp / "fasp_report.json").write_text(json.dumps(result, indent=2, default=str))
+    save_pruned(model, outp, tok, result, overwrite=args.overwrite, protected=protected)
     return result
 
 
@@ -176,16 +232,43 @@ def cmd_eval(args) -> int:
     from .io import load_model_and_tokenizer
 
     _check_positive("seqlen", args.seqlen)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)
+    json_out = _check_json_out(args.json, args.overwrite) if args.json else None
+    folder = _local_model_folder(args.model)
+    if folder is not None:
+        check_model_folder(folder)
+    texts = {spec: data.load_text(spec) for spec in args.data}
     model, tok = load_model_and_tokenizer(args.model, dtype=_dtype(args.dtype), device=device)
     res = {}
-    for spec in args.data:
-        win = data.eval_windows(tok, data.load_text(spec), args.seqlen, args.eval_windows)
+    for spec, text in texts.items():
+        win = data.eval_windows(tok, text, args.seqlen, args.eval_windows)
         res[spec] = data.perplexity(model, win, device=device, progress=not args.quiet)
         print(f"perplexity on {spec} ({win.shape[0]} x {args.seqlen} tokens): {res[spec]:.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    if json_out is not None:
+        _write_atomic(json_out, json.dumps(res, indent=2))
     return 0
+
+
+def _check_json_out(path: str, overwrite: bool) -> Path:
+    p = Path(path).expanduser() if str(path).strip() else None
+    if p is None:
+        raise UserError("--json: empty path")
+    if p.is_dir():
+        raise UserError(f"--json: {p} is a folder")
+    if p.exists() and not overwrite:
+        raise UserError(f"--json: {p} already exists (use --overwrite to replace it)")
+    if not p.parent.is_dir():
+        raise UserError(f"--json: folder {p.parent} does not exist")
+    return p
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.fasp-tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def cmd_compare(args) -> int:
@@ -194,6 +277,7 @@ def cmd_compare(args) -> int:
 
     _check_positive("nsamples", args.nsamples)
     _check_positive("seqlen", args.seqlen)
+    _check_results_folder(args.out, args.stem)
     base = PruneConfig(progress=not args.quiet, seed=args.seed, batch_size=args.batch_size)
     if args.damp is not None:
         base.damp = _parse_damp(args.damp)
@@ -206,9 +290,40 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _check_results_folder(out: str, stem: str) -> None:
+    """compare rewrites its own <stem>.json/.md/.png between runs, never someone else's files."""
+    folder = Path(out).expanduser() if str(out).strip() else None
+    if folder is None:
+        raise UserError("--out: empty path")
+    if not stem or Path(stem).name != stem:
+        raise UserError(f"--stem: {stem!r} must be a plain file name stem")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out: {folder} is not a folder")
+    js = folder / f"{stem}.json"
+    ours = False
+    if js.is_file():
+        try:
+            ours = isinstance(json.loads(js.read_text()).get("rows"), list)
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            ours = False
+    for suffix in (".json", ".md", ".png"):
+        p = folder / f"{stem}{suffix}"
+        if p.exists() and not ours:
+            raise UserError(f"--out: {p} exists and is not a fasp-ext compare result; choose another --stem or --out")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the same one-line form as every other error."""
+
+    def error(self, message):  # noqa: D401
+        self.print_usage(sys.stderr)
+        self.exit(2, f"fasp-ext: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fasp-ext", description="Fast structured pruning of LLMs (FASP).")
+    ap = _Parser(prog="fasp-ext", description="Fast structured pruning of LLMs (FASP).")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prune", help="prune a model and save it")
     _add_prune_args(p)
@@ -243,20 +358,84 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+    _add_common([p, d, c, e])
     return ap
 
 
+def _add_common(parsers) -> None:
+    for p in parsers:  # also after the subcommand; SUPPRESS keeps the top-level value otherwise
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error")
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+
+
+#: errors that mean the input was wrong (exit 2); anything else is a defect of fasp_ext (exit 1)
+USER_ERRORS = (UserError, ValueError, OSError, RuntimeError, MemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 internal error, 2 user error,
+    130 / 143 after SIGINT / SIGTERM). Errors are one line on stderr; ``--debug`` adds the traceback."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    debug = getattr(args, "debug", False)
+    # fasp_ext's own warnings go to this run's stderr as "fasp-ext: warning: ...", whatever the
+    # root logger's setup
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    propagate, level = log.propagate, log.level
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     try:
-        return args.func(args)
-    except (ValueError, OSError, RuntimeError) as e:  # OSError covers missing files, offline hubs
-        print(f"fasp-ext: error: {e}", file=sys.stderr)
-        return 2
+        return _run(args, debug)
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+        log.setLevel(level)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record):
+        return f"fasp-ext: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _run(args, debug: bool) -> int:
+    with handle_signals():
+        try:
+            rc = args.func(args)
+        except KeyboardInterrupt:
+            rc = 128 + signal.SIGINT
+        except Terminated:
+            rc = 128 + signal.SIGTERM
+        except USER_ERRORS as e:
+            if debug:
+                traceback.print_exc()
+            print(f"fasp-ext: error: {_one_line(e)}", file=sys.stderr)
+            rc = 2
+        except Exception as e:  # noqa: BLE001 - a defect: still one line, the traceback on --debug
+            if debug:
+                traceback.print_exc()
+            print(f"fasp-ext: internal error: {type(e).__name__}: {_one_line(e)} "
+                  f"(run with --debug for the traceback and report it)", file=sys.stderr)
+            rc = 1
+        sig = signal_received()
+        if sig is not None:  # also when the exception was swallowed (e.g. raised in a destructor)
+            rc = 128 + sig
+    if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        name = "SIGINT" if rc == 128 + signal.SIGINT else "SIGTERM"
+        print(f"fasp-ext: interrupted by {name}", file=sys.stderr)
+    return rc
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e) if str(e) else type(e).__name__
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        msg = f"{e.filename}: {e.strerror}"
+    return " ".join(msg.split())
 
 
 if __name__ == "__main__":  # pragma: no cover

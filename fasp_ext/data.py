@@ -43,6 +43,9 @@ __all__ = [
     "load_text",
     "tokenize_text",
     "calibration_windows",
+    "window_starts",
+    "calibration_coverage",
+    "undecodable_fraction",
     "eval_windows",
     "perplexity",
 ]
@@ -461,12 +464,38 @@ def calibration_windows(tokenizer, text, nsamples: int, seqlen: int, seed: int =
     n = ids.numel()
     if n < seqlen + 1:
         raise ValueError(f"text has {n} tokens, need at least seqlen+1 = {seqlen + 1} for calibration windows")
-    rng = random.Random(seed)
     out = torch.empty((nsamples, seqlen), dtype=torch.long)
-    for i in range(nsamples):
-        start = rng.randint(0, n - seqlen - 1)
+    for i, start in enumerate(window_starts(n, nsamples, seqlen, seed)):
         out[i] = ids[start:start + seqlen]
     return out
+
+
+def window_starts(n_tokens: int, nsamples: int, seqlen: int, seed: int = 0) -> list[int]:
+    """Start positions of the calibration windows over a text of ``n_tokens`` tokens (the GPTQ draws)."""
+    rng = random.Random(seed)
+    return [rng.randint(0, n_tokens - seqlen - 1) for _ in range(nsamples)]
+
+
+def calibration_coverage(n_tokens: int, nsamples: int, seqlen: int, seed: int = 0) -> dict:
+    """How much of the text the calibration windows see: distinct token positions covered, and
+    their share of the ``nsamples * seqlen`` tokens requested (1.0: no window overlaps another)."""
+    covered = torch.zeros(n_tokens, dtype=torch.bool)
+    for s in window_starts(n_tokens, nsamples, seqlen, seed):
+        covered[s:s + seqlen] = True
+    unique = int(covered.sum())
+    return {"text_tokens": int(n_tokens), "requested_tokens": int(nsamples * seqlen), "unique_positions": unique,
+            "coverage": unique / float(nsamples * seqlen)}
+
+
+_UNDECODABLE = re.compile("[\ufffd\x00-\x08\x0e-\x1f]")
+
+
+def undecodable_fraction(text: str) -> float:
+    """Share of characters that are replacement characters (bytes that were not UTF-8) or control
+    characters other than whitespace: near 0 for prose, above one half for a binary file."""
+    if not text:
+        return 0.0
+    return len(_UNDECODABLE.findall(text)) / len(text)
 
 
 def eval_windows(tokenizer, text, seqlen: int, max_windows: Optional[int] = None) -> torch.Tensor:

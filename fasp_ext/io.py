@@ -1,89 +1,186 @@
-"""Saving pruned models atomically and rebuilding their architecture on load."""
+"""Saving pruned models atomically and rebuilding their architecture on load (safetensors only)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from .adapters import adapter_for
+from .safety import OutputFolder, UserError, read_config, safetensors_header, weight_files
+
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _model_folder(model) -> Path | None:
+    p = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return Path(p) if p and Path(str(p)).is_dir() else None
 
 
 def save_pruned(model, out_dir: str | os.PathLike, tokenizer=None, report: dict | None = None,
-                overwrite: bool = False) -> Path:
-    """Write ``model`` (safetensors + config), ``tokenizer`` and ``report.json`` to ``out_dir``.
+                overwrite: bool = False, protected=()) -> Path:
+    """Write ``model`` (safetensors + config), ``tokenizer`` and ``fasp_report.json`` to ``out_dir``.
 
-    Everything is written to a temporary folder next to ``out_dir`` and renamed at the end, so a
-    failure leaves nothing half-written.
+    Everything is written to a temporary sibling folder and published by renames at the end, so a
+    failure or a signal leaves nothing half-written, and a previous result is deleted only after
+    the new one is in place. ``overwrite`` replaces only an empty folder or a previous fasp_ext
+    output, never the current folder or one above it, the home or root folder, the folder the
+    model was loaded from, or one holding any path in ``protected`` (fasp_ext/safety.py). When
+    ``report`` is a dict its ``save_seconds`` is set to the time the weights took to write.
     """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"out: {out} already exists (pass overwrite=True / --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+    protected = tuple(protected) + ((_model_folder(model),) if _model_folder(model) else ())
+    folder = OutputFolder(out_dir, overwrite=overwrite, protected=protected, arg="out")
+    with folder as tmp:
+        t0 = time.perf_counter()
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        except OSError as e:  # a full disk, a quota: one clear line, nothing left behind
+            raise OSError(e.errno, f"out: writing the pruned model failed ({e.strerror or e})") from None
         if report is not None:
+            report["save_seconds"] = time.perf_counter() - t0
             (tmp / "fasp_report.json").write_text(json.dumps(report, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        return folder.publish()
+
+
+# ----------------------------------------------------------------------------- loading
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _validate_meta(meta, config, adapter, n_blocks: int, where: Path) -> tuple[list[int], list[int], list[str]]:
+    """Check the ``fasp_ext`` config section before anything is allocated."""
+    bad = lambda msg: UserError(f"path: {where / 'config.json'}: fasp_ext section {msg}")  # noqa: E731
+    if not isinstance(meta, dict):
+        raise bad(f"must be an object, got {type(meta).__name__}")
+    for key in ("v_head_dim", "mlp_width"):
+        if not isinstance(meta.get(key), list):
+            raise bad(f"needs a list {key!r}")
+        if len(meta[key]) != n_blocks:
+            raise bad(f"lists {len(meta[key])} {key} entries for a model of {n_blocks} blocks")
+        if not all(_is_int(x) for x in meta[key]):
+            raise bad(f"{key} must hold integers, got {meta[key][:8]}")
+    _, _, hd = adapter.head_geometry(config)
+    width = getattr(config, adapter.mlp_size_key, None)
+    for i, (dv, w) in enumerate(zip(meta["v_head_dim"], meta["mlp_width"])):
+        if not 1 <= dv <= hd:
+            raise bad(f"v_head_dim[{i}] = {dv} is outside [1, {hd}] (the query/key head size)")
+        if not (_is_int(width) and 1 <= w <= width):
+            raise bad(f"mlp_width[{i}] = {w} is outside [1, {width}] ({adapter.mlp_size_key})")
+    added = meta.get("added_bias", [])
+    if not isinstance(added, list) or not all(isinstance(a, str) for a in added):
+        raise bad("added_bias must be a list of module names")
+    return meta["v_head_dim"], meta["mlp_width"], added
+
+
+def _tensor_table(p: Path) -> dict[str, tuple[Path, dict]]:
+    table: dict[str, tuple[Path, dict]] = {}
+    for f in weight_files(p, "path"):
+        for name, t in safetensors_header(f, "path").items():
+            if name in table:
+                raise UserError(f"path: tensor {name!r} is stored twice ({table[name][0].name} and {f.name})")
+            table[name] = (f, t)
+    return table
+
+
+def _tied_keys(model) -> set[str]:
+    """Parameters that are copies of others (an lm_head tied to the embedding) and need not be stored."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return set(getattr(model, "_tied_weights_keys", None) or [])
+
+
+def _build(config, dtype, meta, adapter, n_check: Path | None = None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if meta is not None:
+        v_dims, widths, added = meta
+        for block, dv, w in zip(adapter.blocks(model), v_dims, widths):
+            adapter.resize_block(block, config, dv, w)
+        for name in added:  # biases fitted by the pruning (intercept, FLAP)
+            try:
+                lin = model.get_submodule(name)
+            except AttributeError:
+                lin = None
+            if not isinstance(lin, torch.nn.Linear):
+                raise UserError(f"path: fasp_ext.added_bias names {name!r}, which is not a linear layer")
+            lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
+                                                      device=lin.weight.device))
+    return model
 
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Load a model saved by fasp_ext, rebuilding per-block sizes (value head size, MLP width).
+    """Load a model saved by fasp_ext (or any safetensors checkpoint of a supported family),
+    rebuilding per-block sizes (value head size, MLP width) from the config's ``fasp_ext`` section.
 
-    Models whose config has no ``fasp_ext`` section are ordinary checkpoints and load with
-    ``AutoModelForCausalLM.from_pretrained``.
+    Strict: only the weight files the checkpoint declares are read (``model.safetensors``, or the
+    shards of ``model.safetensors.index.json``); a tensor stored twice, missing, unexpected or of
+    the wrong shape is an error naming it, and everything is checked against the safetensors
+    headers before the model is allocated. Nothing is unpickled. The saved dtype is kept unless
+    ``dtype`` asks for another.
     """
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from safetensors import safe_open
+    from transformers import AutoConfig
 
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"path: no config.json in {p}")
-    config = AutoConfig.from_pretrained(p)
-    meta = getattr(config, "fasp_ext", None)
-    if not meta:
-        return AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device)
-    adapter = adapter_for(config)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    blocks = adapter.blocks(model)
-    if len(meta["v_head_dim"]) != len(blocks) or len(meta["mlp_width"]) != len(blocks):
-        raise ValueError(f"path: {p} config.fasp_ext lists sizes for a different number of blocks")
-    for block, dv, w in zip(blocks, meta["v_head_dim"], meta["mlp_width"]):
-        adapter.resize_block(block, config, int(dv), int(w))
-    for name in meta.get("added_bias", []):  # biases fitted by the pruning (intercept, FLAP)
-        lin = model.get_submodule(name)
-        lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"path: {p} is not a folder")
+    raw = read_config(p, "path")
+    table = _tensor_table(p)
+    try:
+        config = AutoConfig.from_pretrained(p)
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"path: {p / 'config.json'} cannot be read by transformers ({e})") from None
+    if dtype is None:
+        counts = Counter(_ST_DTYPES[t["dtype"]] for _, t in table.values() if t["dtype"] in _ST_DTYPES)
+        dtype = counts.most_common(1)[0][0] if counts else torch.float32
+    meta, adapter = None, None
+    if "fasp_ext" in raw:
+        adapter = adapter_for(config)
+        with torch.device("meta"):
+            skeleton = _build(config, dtype, None, adapter)
+        n_blocks = len(adapter.blocks(skeleton))
+        meta = _validate_meta(raw["fasp_ext"], config, adapter, n_blocks, p)
+    # shapes first, on a skeleton that allocates nothing
+    with torch.device("meta"):
+        skeleton = _build(config, dtype, meta, adapter)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    tied = _tied_keys(skeleton)
+    missing = [k for k in expected if k not in table and k not in tied and not k.endswith("rotary_emb.inv_freq")]
+    unexpected = [k for k in table if k not in expected]
+    wrong = [f"{k} {tuple(table[k][1]['shape'])} != {expected[k]}" for k in expected
+             if k in table and tuple(table[k][1]["shape"]) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{what} {items[:5]}" for what, items in (("missing", missing), ("unexpected", unexpected),
+                                                            ("wrong shape", wrong)) if items]
+        raise UserError(f"path: the weights in {p} do not match its config: " + "; ".join(parts))
+    del skeleton
+    model = _build(config, dtype, meta, adapter)
+    by_file: dict[Path, list[str]] = {}
+    for k, (f, _) in table.items():
+        by_file.setdefault(f, []).append(k)
     state = {}
-    files = sorted(p.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"path: no .safetensors weights in {p}")
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-        tied = set(model._tied_weights_keys)
-    missing = [k for k in missing if k not in tied and not k.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise ValueError(f"path: weights do not match the recorded architecture "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="pt") as sf:
+            for k in keys:
+                state[k] = sf.get_tensor(k)
+    model.load_state_dict(state, strict=False)
     model.tie_weights()
-    if dtype is not None:
-        model.to(dtype)
-    return model.to(device).eval()
+    gen = p / "generation_config.json"
+    if gen.is_file():
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(p)
+        except (ValueError, OSError):
+            pass
+    return model.to(dtype).to(device).eval()
 
 
 def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32, device="cpu"):
@@ -91,7 +188,7 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32, devi
     that :func:`fasp_ext.models.load_model` accepts (a local folder, 'smollm2')."""
     p = Path(spec).expanduser()
     cfg_file = p / "config.json"
-    if cfg_file.is_file() and "fasp_ext" in json.loads(cfg_file.read_text()):
+    if cfg_file.is_file() and "fasp_ext" in read_config(p, "--model"):
         from transformers import AutoTokenizer
 
         return load_pruned(p, dtype=dtype, device=device), AutoTokenizer.from_pretrained(p)

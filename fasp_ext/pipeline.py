@@ -443,6 +443,19 @@ def _as_tokens(calibration) -> torch.Tensor:
     return calibration.long()
 
 
+def _check_token_range(tokens: torch.Tensor, model: nn.Module) -> None:
+    """Token ids outside the vocabulary would index past the embedding (an IndexError on CPU, a
+    device-side assert on a GPU): refuse them up front, naming the argument."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is None:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"calibration: token ids must lie in [0, {vocab}) (the model's vocabulary), "
+                         f"got ids from {lo} to {hi}")
+
+
 def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> PruneReport:
     """Prune ``model`` in place by FASP on ``calibration`` tokens (nsamples x seqlen); return a report.
 
@@ -453,6 +466,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
     cfg.validate()
     adapter = adapter_for(model)
     tokens = _as_tokens(calibration)
+    _check_token_range(tokens, model)
     mcfg = model.config
     ctx = adapter.max_context(mcfg)
     if ctx is not None and tokens.shape[1] > ctx:

@@ -1,0 +1,607 @@
+"""Hostile and careless inputs: the command line and the Python API must never lose a file, fail
+late, or answer with a traceback (issue 10).
+
+Every CLI case runs in a small world (an input model, texts, a user's own files, a working folder)
+whose whole tree is hashed before and after: nothing outside ``--out`` may change. Signals are
+sent to real subprocesses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasp_ext import safety
+from fasp_ext.cli import main
+from fasp_ext.io import load_pruned, save_pruned
+from fasp_ext.pipeline import PruneConfig, prune
+from test_cli import WORDS, _tokenizer
+from tiny_models import random_tokens, tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- the world
+def _words(n: int, seed: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{i}" for i in torch.randint(0, WORDS, (n,), generator=g).tolist())
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("src") / "model"
+    tiny_llama().save_pretrained(d)
+    _tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture()
+def world(tmp_path, tiny_model_dir, monkeypatch):
+    """tmp/{model, texts/{calib,eval,short,binary}, home/notes.txt, mine/{a,b}, work/(cwd) notes.md}."""
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    t = tmp_path / "texts"
+    t.mkdir()
+    (t / "calib.txt").write_text(_words(3000, 0))
+    (t / "eval.txt").write_text(_words(1000, 1))
+    (t / "short.txt").write_text(_words(40, 2))
+    (t / "medium.txt").write_text(_words(200, 3))
+    (t / "binary.txt").write_bytes(bytes(torch.randint(0, 256, (20000,), generator=torch.Generator().manual_seed(4))
+                                         .to(torch.uint8).tolist()) + b" " + _words(3000, 5).encode())
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("my notes")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "a.txt").write_text("precious")
+    (mine / "b.bin").write_bytes(b"\x00\x01")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.md").write_text("# work")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    return tmp_path
+
+
+def tree_hash(root: Path, skip: Path | None = None) -> dict[str, str]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        if skip is not None and (d == skip or skip in d.parents):
+            continue
+        for name in dirnames:
+            if skip is not None and d / name == skip:
+                continue
+            out[str((d / name).relative_to(root)) + "/"] = "dir"
+        for name in filenames:
+            p = d / name
+            if skip is not None and p == skip:
+                continue
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def prune_args(world: Path, out, *extra, calib="texts/calib.txt"):
+    return ["prune", "--model", str(world / "model"), "--calib", str(world / calib), "--nsamples", "2",
+            "--seqlen", "16", "--out", str(out), "--quiet", *extra]
+
+
+def run_cli(world: Path, args, capsys, out: Path | None = None) -> tuple[int, str, str]:
+    """Run main(args); assert that nothing outside ``out`` changed; return (rc, stdout, stderr)."""
+    before = tree_hash(world, skip=out)
+    rc = main([str(a) for a in args])
+    o, e = capsys.readouterr()
+    after = tree_hash(world, skip=out)
+    assert after == before, f"files outside --out changed: {set(after.items()) ^ set(before.items())}"
+    assert "Traceback" not in e
+    return rc, o, e
+
+
+def make_previous_output(world: Path, capsys, name="prev") -> Path:
+    out = world / name
+    assert main([str(a) for a in prune_args(world, out, "--sparsity", "0.25")]) == 0
+    capsys.readouterr()
+    return out
+
+
+# ----------------------------------------------------------------------------- --out and --overwrite
+@pytest.mark.parametrize("target, message", [
+    ("", "empty path"),
+    ("   ", "empty path"),
+    (".", "current folder"),
+    ("..", "current folder or a folder above it"),
+    ("HOME", "home folder"),
+    ("/", "root folder"),
+    ("model", "holds the input"),
+    ("texts", "holds the input"),
+    ("WORLD", "current folder or a folder above it"),
+    ("mine", "not a fasp_ext output"),
+])
+def test_overwrite_never_replaces_a_folder_it_did_not_write(world, capsys, target, message):
+    out = {"HOME": str(world / "home"), "WORLD": str(world), "model": str(world / "model"),
+           "texts": str(world / "texts"), "mine": str(world / "mine")}.get(target, target)
+    rc, _, err = run_cli(world, prune_args(world, out, "--overwrite"), capsys)
+    assert rc == 2 and message in err and err.startswith("fasp-ext: error:")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_overwrite_refuses_a_previous_output_with_a_users_file_added(world, capsys):
+    prev = make_previous_output(world, capsys)
+    (prev / "my_eval_notes.txt").write_text("do not lose me")
+    rc, _, err = run_cli(world, prune_args(world, prev, "--overwrite"), capsys)
+    assert rc == 2 and "my_eval_notes.txt" in err
+    assert (prev / "my_eval_notes.txt").read_text() == "do not lose me"
+
+
+def test_overwrite_replaces_a_previous_output_and_leaves_no_trace(world, capsys):
+    prev = make_previous_output(world, capsys)
+    old_report = json.loads((prev / "fasp_report.json").read_text())
+    rc, _, _ = run_cli(world, prune_args(world, prev, "--overwrite", "--sparsity", "0.5"), capsys, out=prev)
+    assert rc == 0
+    new_report = json.loads((prev / "fasp_report.json").read_text())
+    assert new_report["sparsity"] == 0.5 and old_report["sparsity"] == 0.25
+    assert sorted(p.name for p in world.iterdir() if p.name.startswith(".")) == []
+    listed = json.loads((prev / safety.MARKER).read_text())["files"]
+    assert set(listed) | {safety.MARKER} == {p.name for p in prev.iterdir()}
+
+
+def test_existing_output_without_overwrite(world, capsys):
+    prev = make_previous_output(world, capsys)
+    rc, _, err = run_cli(world, prune_args(world, prev), capsys)
+    assert rc == 2 and "already exists" in err
+
+
+def test_out_is_a_file(world, capsys):
+    rc, _, err = run_cli(world, prune_args(world, world / "mine" / "a.txt", "--overwrite"), capsys)
+    assert rc == 2 and "not a folder" in err
+
+
+def test_out_below_a_file(world, capsys):
+    rc, _, err = run_cli(world, prune_args(world, world / "mine" / "a.txt" / "sub"), capsys)
+    assert rc == 2 and "not a folder" in err
+
+
+def test_out_is_a_symlink(world, capsys):
+    (world / "link").symlink_to(world / "mine")
+    rc, _, err = run_cli(world, prune_args(world, world / "link", "--overwrite"), capsys)
+    assert rc == 2 and "symbolic link" in err
+
+
+def test_out_not_writable(world, capsys):
+    rc, _, err = run_cli(world, prune_args(world, "/sys/fasp_ext_out"), capsys)
+    assert rc == 2 and "--out" in err and "cannot write" in err
+
+
+def test_not_enough_disk_space_is_found_before_loading(world, capsys, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(safety.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
+    monkeypatch.setattr("fasp_ext.models.load_model", _must_not_load)
+    rc, _, err = run_cli(world, prune_args(world, world / "o"), capsys)
+    assert rc == 2 and "free" in err and not (world / "o").exists()
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_output(world, capsys, monkeypatch):
+    import errno
+
+    prev = make_previous_output(world, capsys)
+    before = tree_hash(prev)
+    from transformers import PreTrainedModel
+
+    def full(self, path, **kw):
+        (Path(path) / "model.safetensors").write_bytes(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    rc, _, err = run_cli(world, prune_args(world, prev, "--overwrite"), capsys)
+    assert rc == 2 and "No space left on device" in err
+    assert tree_hash(prev) == before
+    assert [p.name for p in world.iterdir() if p.name.startswith(".")] == []
+
+
+def test_output_folder_gets_ordinary_permissions(world, capsys):
+    out = world / "o"
+    rc, _, _ = run_cli(world, prune_args(world, out), capsys, out=out)
+    assert rc == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (out / "config.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+# ----------------------------------------------------------------------------- fail early
+def _must_not_load(*a, **k):
+    raise AssertionError("the model was loaded before the inputs were checked")
+
+
+@pytest.mark.parametrize("device, message", [("cuda", "--device cuda"), ("tpu", "--device"), ("cuda:7", "--device")])
+def test_bad_device_fails_before_loading(world, capsys, monkeypatch, device, message):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr("fasp_ext.models.load_model", _must_not_load)
+    rc, _, err = run_cli(world, prune_args(world, world / "o", "--device", device), capsys)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def _break_model(world: Path, how: str) -> None:
+    m = world / "model"
+    st = m / "model.safetensors"
+    if how == "no-config":
+        (m / "config.json").unlink()
+    elif how == "bad-config":
+        (m / "config.json").write_text("{not json")
+    elif how == "unsupported":
+        cfg = json.loads((m / "config.json").read_text())
+        cfg["model_type"] = "bert"
+        (m / "config.json").write_text(json.dumps(cfg))
+    elif how == "pickle-only":
+        st.rename(m / "pytorch_model.bin")
+    elif how == "truncated":
+        st.write_bytes(st.read_bytes()[:-100])
+    elif how == "garbage":
+        st.write_bytes(b"\xff" * 64)
+    elif how == "no-weights":
+        st.unlink()
+    elif how == "missing-shard":
+        st.rename(m / "model-00001-of-00002.safetensors")
+        (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    elif how == "escaping-shard":
+        (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../mine/b.bin"}}))
+    elif how == "bad-dtype":
+        import struct
+
+        raw = st.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = raw[8:8 + n].replace(b'"F32"', b'"Q32"', 1)
+        st.write_bytes(raw[:8] + header + raw[8 + n:])
+
+
+@pytest.mark.parametrize("how, message", [
+    ("no-config", "no config.json"),
+    ("bad-config", "not valid JSON"),
+    ("unsupported", "unsupported architecture 'bert'"),
+    ("pickle-only", "safetensors only"),
+    ("truncated", "truncated or corrupt"),
+    ("garbage", "corrupt"),
+    ("no-weights", "no model.safetensors"),
+    ("missing-shard", "missing"),
+    ("escaping-shard", "invalid shard"),
+    ("bad-dtype", "unsupported dtype"),
+])
+def test_bad_model_folder_fails_before_loading(world, capsys, monkeypatch, how, message):
+    _break_model(world, how)
+    monkeypatch.setattr("fasp_ext.models.load_model", _must_not_load)
+    rc, _, err = run_cli(world, prune_args(world, world / "o"), capsys)
+    assert rc == 2 and message in err and "--model" in err
+    assert not (world / "o").exists()
+
+
+def test_seqlen_beyond_the_context_fails_before_loading(world, capsys, monkeypatch):
+    monkeypatch.setattr("fasp_ext.models.load_model", _must_not_load)
+    rc, _, err = run_cli(world, prune_args(world, world / "o") + ["--seqlen", "4096"], capsys)
+    assert rc == 2 and "--seqlen" in err
+
+
+def test_missing_calibration_file_fails_before_loading(world, capsys, monkeypatch):
+    monkeypatch.setattr("fasp_ext.models.load_model", _must_not_load)
+    rc, _, err = run_cli(world, prune_args(world, world / "o", calib="texts/nope.txt"), capsys)
+    assert rc == 2 and "nope.txt" in err
+
+
+# ----------------------------------------------------------------------------- calibration sanity
+def test_calibration_text_shorter_than_a_window_is_refused(world, capsys):
+    rc, _, err = run_cli(world, prune_args(world, world / "o", "--seqlen", "64", calib="texts/short.txt"), capsys)
+    assert rc == 2 and "--calib" in err and "fewer than --seqlen + 1" in err
+
+
+def test_heavily_overlapping_windows_warn_and_are_reported(world, capsys):
+    out = world / "o"
+    args = prune_args(world, out, calib="texts/medium.txt")
+    args[args.index("--nsamples") + 1] = "32"
+    rc, _, err = run_cli(world, args, capsys, out=out)
+    assert rc == 0 and "overlap heavily" in err
+    info = json.loads((out / "fasp_report.json").read_text())["calibration"]
+    assert info["text_tokens"] == 200 and info["requested_tokens"] == 32 * 16
+    assert info["unique_positions"] <= 200 and info["coverage"] < 0.5
+
+
+def test_binary_calibration_warns_and_is_reported(world, capsys):
+    out = world / "o"
+    rc, _, err = run_cli(world, prune_args(world, out, calib="texts/binary.txt"), capsys, out=out)
+    assert rc == 0 and "undecodable" in err
+    assert json.loads((out / "fasp_report.json").read_text())["calibration"]["undecodable_fraction"] > 0.2
+
+
+def test_clean_calibration_reports_full_coverage(world, capsys):
+    out = world / "o"
+    rc, _, err = run_cli(world, prune_args(world, out), capsys, out=out)
+    assert rc == 0 and "overlap" not in err and "undecodable" not in err
+    info = json.loads((out / "fasp_report.json").read_text())["calibration"]
+    assert info["undecodable_fraction"] == 0.0 and info["coverage"] > 0.5
+
+
+@pytest.mark.parametrize("bad", [-1, WORDS + 7])
+def test_api_rejects_token_ids_outside_the_vocabulary(bad):
+    m = tiny_llama()
+    toks = random_tokens(2, 8)
+    toks[1, 3] = bad
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"calibration: token ids must lie in \[0, 97\)"):
+        prune(m, toks, PruneConfig(progress=False))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_api_rejects_a_float_calibration_tensor():
+    with pytest.raises(ValueError, match="calibration"):
+        prune(tiny_llama(), torch.rand(2, 8), PruneConfig(progress=False))
+
+
+# ----------------------------------------------------------------------------- other commands
+def test_eval_json_never_overwrites_a_users_file(world, capsys):
+    target = world / "mine" / "a.txt"
+    args = ["eval", "--model", world / "model", "--data", world / "texts/eval.txt", "--seqlen", "16",
+            "--eval-windows", "2", "--quiet", "--json", target]
+    rc, _, err = run_cli(world, args, capsys)
+    assert rc == 2 and "--json" in err and "already exists" in err
+
+
+def test_compare_never_overwrites_foreign_results(world, capsys):
+    (world / "mine" / "compare.json").write_text('{"mine": 1}')
+    args = ["compare", "--model", world / "model", "--calib", world / "texts/calib.txt", "--eval",
+            world / "texts/eval.txt", "--out", world / "mine", "--quiet"]
+    rc, _, err = run_cli(world, args, capsys)
+    assert rc == 2 and "not a fasp-ext compare result" in err
+
+
+def test_usage_errors_are_one_line_with_exit_2(world, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "--model", str(world / "model")])
+    assert e.value.code == 2
+    assert "fasp-ext: error:" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(world, capsys):
+    _break_model(world, "bad-config")
+    assert main([str(a) for a in prune_args(world, world / "o", "--debug")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "fasp-ext: error:" in err
+
+
+# ----------------------------------------------------------------------------- stale temporaries
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temporary_folder_of_a_killed_run_is_removed(world, capsys):
+    out = world / "o"
+    stale = world / f".o.fasp-tmp-{_dead_pid()}-abcd1234"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = world / f".o.fasp-tmp-{os.getppid()}-abcd1234"  # a live process's: left alone
+    live.mkdir()
+    assert main([str(a) for a in prune_args(world, out)]) == 0
+    assert "removed .o.fasp-tmp-" in capsys.readouterr().err
+    assert not stale.exists() and live.exists() and (out / "config.json").is_file()
+
+
+def test_previous_output_moved_aside_by_a_killed_run_is_put_back(world, capsys):
+    prev = make_previous_output(world, capsys, name="o")
+    aside = world / f".o.fasp-old-{_dead_pid()}-abcd1234"
+    prev.rename(aside)
+    before = tree_hash(aside)
+    rc = main([str(a) for a in prune_args(world, world / "o")])  # no --overwrite: the result is back
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+    assert not aside.exists() and tree_hash(world / "o") == before
+
+
+# ----------------------------------------------------------------------------- signals (real processes)
+_DRIVER = textwrap.dedent("""
+    import sys, time
+    import fasp_ext.pipeline, fasp_ext.cli
+    from transformers import PreTrainedModel
+    phase = sys.argv[1]
+    real_prune, real_save = fasp_ext.pipeline.prune, PreTrainedModel.save_pretrained
+    def prune(*a, **k):
+        if phase == "prune":
+            print("PHASE", flush=True); time.sleep(60)
+        if phase == "destructor":
+            import os, signal
+            class Bomb:
+                def __del__(self):
+                    os.kill(os.getpid(), signal.SIGINT)
+            b = Bomb(); del b
+        return real_prune(*a, **k)
+    def save(self, *a, **k):
+        real_save(self, *a, **k)
+        if phase == "save":
+            print("PHASE", flush=True); time.sleep(60)
+    fasp_ext.pipeline.prune = prune
+    PreTrainedModel.save_pretrained = save
+    sys.exit(fasp_ext.cli.main(sys.argv[2:]))
+""")
+
+
+def _spawn(world: Path, phase: str, args) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, "-c", _DRIVER, phase, *map(str, args)], cwd=world / "work", env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_phase(p: subprocess.Popen) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = p.stdout.readline()
+        if line.startswith("PHASE"):
+            return
+        if p.poll() is not None:
+            raise AssertionError(f"exited early: {p.returncode} {p.stderr.read()}")
+    p.kill()
+    raise AssertionError("never reached the phase")
+
+
+@pytest.mark.parametrize("phase", ["prune", "save"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signals_end_the_run_cleanly(world, capsys, phase, sig, code):
+    prev = make_previous_output(world, capsys, name="o")
+    before_prev = tree_hash(prev)
+    before = tree_hash(world, skip=prev)
+    p = _spawn(world, phase, prune_args(world, prev, "--overwrite", "--sparsity", "0.5"))
+    _wait_for_phase(p)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code, err
+    assert "interrupted by SIG" in err and "Traceback" not in err
+    assert tree_hash(prev) == before_prev  # the previous result is untouched
+    assert tree_hash(world, skip=prev) == before  # and no temporary folder is left
+    assert [q.name for q in world.iterdir() if q.name.startswith(".")] == []
+
+
+def test_sigkill_during_save_is_cleaned_up_by_the_next_run(world, capsys):
+    out = world / "o"
+    p = _spawn(world, "save", prune_args(world, out))
+    _wait_for_phase(p)
+    p.kill()
+    p.communicate(timeout=60)
+    stale = [q for q in world.iterdir() if q.name.startswith(".o.fasp-tmp-")]
+    assert len(stale) == 1 and not out.exists()
+    assert main([str(a) for a in prune_args(world, out)]) == 0
+    assert "left by a killed run" in capsys.readouterr().err
+    assert not stale[0].exists() and (out / "config.json").is_file()
+
+
+def test_a_sigint_swallowed_by_a_destructor_is_not_lost(world):
+    out = world / "o"
+    p = _spawn(world, "destructor", prune_args(world, out))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert not out.exists() and [q.name for q in world.iterdir() if q.name.startswith(".")] == []
+
+
+# ----------------------------------------------------------------------------- strict loading
+@pytest.fixture()
+def pruned_dir(world, capsys):
+    return make_previous_output(world, capsys, name="pruned")
+
+
+def _logits(m):
+    return m(random_tokens(1, 8)).logits
+
+
+def test_load_ignores_stray_weight_files(pruned_dir):
+    ref = _logits(load_pruned(pruned_dir))
+    from safetensors.torch import save_file
+
+    state = load_pruned(pruned_dir).state_dict()
+    save_file({k: torch.zeros_like(v) for k, v in state.items()}, str(pruned_dir / "zz-stray.safetensors"))
+    assert torch.equal(_logits(load_pruned(pruned_dir)), ref)
+
+
+def _shard(pruned_dir: Path, dup: bool = False, drop: str | None = None, extra: bool = False) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(pruned_dir / "model.safetensors"))
+    (pruned_dir / "model.safetensors").unlink()
+    keys = sorted(state)
+    if drop:
+        keys.remove(drop)
+    a, b = keys[: len(keys) // 2], keys[len(keys) // 2:]
+    part_b = {k: state[k] for k in b}
+    if dup:
+        part_b[a[0]] = state[a[0]]
+    if extra:
+        part_b["model.layers.0.mlp.surprise"] = torch.zeros(3)
+    save_file({k: state[k] for k in a}, str(pruned_dir / "model-1.safetensors"))
+    save_file(part_b, str(pruned_dir / "model-2.safetensors"))
+    wmap = {k: "model-1.safetensors" for k in a} | {k: "model-2.safetensors" for k in part_b}
+    (pruned_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+
+
+def test_load_sharded_checkpoint_matches(pruned_dir):
+    ref = _logits(load_pruned(pruned_dir))
+    _shard(pruned_dir)
+    assert torch.equal(_logits(load_pruned(pruned_dir)), ref)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"dup": True}, "stored twice"),
+    ({"drop": "model.layers.1.mlp.down_proj.weight"}, "missing ['model.layers.1.mlp.down_proj.weight']"),
+    ({"extra": True}, "unexpected ['model.layers.0.mlp.surprise']"),
+])
+def test_load_names_bad_tensors(pruned_dir, kw, message):
+    _shard(pruned_dir, **kw)
+    with pytest.raises(ValueError) as e:
+        load_pruned(pruned_dir)
+    assert message in str(e.value)
+
+
+def _edit_meta(pruned_dir: Path, fn) -> None:
+    cfg = json.loads((pruned_dir / "config.json").read_text())
+    fn(cfg)
+    (pruned_dir / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["fasp_ext"].__setitem__("v_head_dim", [12.5, 12]), "integers"),
+    (lambda c: c["fasp_ext"].__setitem__("v_head_dim", ["12", 12]), "integers"),
+    (lambda c: c["fasp_ext"].__setitem__("v_head_dim", [True, 12]), "integers"),
+    (lambda c: c["fasp_ext"].__setitem__("mlp_width", [72]), "2 blocks"),
+    (lambda c: c["fasp_ext"].__setitem__("mlp_width", [10**12, 72]), "outside"),
+    (lambda c: c["fasp_ext"].__setitem__("v_head_dim", [0, 12]), "outside"),
+    (lambda c: c["fasp_ext"].pop("mlp_width"), "mlp_width"),
+    (lambda c: c.__setitem__("fasp_ext", "yes"), "must be an object"),
+    (lambda c: c["fasp_ext"].__setitem__("added_bias", ["model.norm"]), "not a linear layer"),
+    (lambda c: c["fasp_ext"].__setitem__("v_head_dim", [8, 12]), "wrong shape"),
+])
+def test_load_validates_the_metadata_before_allocating(pruned_dir, edit, message):
+    _edit_meta(pruned_dir, edit)
+    with pytest.raises(ValueError) as e:
+        load_pruned(pruned_dir)
+    assert message in str(e.value)
+
+
+def test_load_keeps_the_saved_dtype(tmp_path):
+    m = tiny_llama()
+    prune(m, random_tokens(2, 16), PruneConfig(sparsity=0.25, progress=False))
+    m.to(torch.bfloat16)
+    out = save_pruned(m, tmp_path / "bf16")
+    assert json.loads((out / "config.json").read_text()).get("fasp_ext")
+    assert load_pruned(out).dtype == torch.bfloat16
+    assert load_pruned(out, dtype=torch.float32).dtype == torch.float32
+
+
+def test_save_api_refuses_the_models_own_folder(world):
+    from fasp_ext.io import load_model_and_tokenizer
+
+    m, _ = load_model_and_tokenizer(str(world / "model"))
+    before = tree_hash(world)
+    with pytest.raises(ValueError, match="holds the input"):
+        save_pruned(m, world / "model", overwrite=True)
+    with pytest.raises(ValueError, match="current folder"):
+        save_pruned(m, ".", overwrite=True)
+    assert tree_hash(world) == before
+
+
+# ----------------------------------------------------------------------------- determinism
+def test_same_seed_and_threads_give_bitwise_identical_output(world, capsys):
+    outs = []
+    for name in ("r1", "r2"):
+        out = world / name
+        assert main([str(a) for a in prune_args(world, out, "--seed", "3")]) == 0
+        outs.append((out / "model.safetensors").read_bytes())
+    capsys.readouterr()
+    assert outs[0] == outs[1]
