@@ -100,7 +100,7 @@ def _text_paths(specs) -> list[Path]:
     """The local files/folders among text specs (they must survive --overwrite)."""
     paths = []
     for spec in specs:
-        for part in str(spec).split(","):
+        for part in [str(spec), *str(spec).split(",")]:
             p = Path(part.strip()).expanduser()
             if part.strip() and p.exists():
                 paths.append(p)
@@ -139,6 +139,21 @@ def _calibration(calib: str, text: str, args, tok, data) -> tuple[object, dict]:
     return tokens, info
 
 
+def _check_activation_memory(args, hidden) -> None:
+    """The pipeline keeps every calibration window's hidden states (inputs and outputs of a block):
+    refuse a --nsamples x --seqlen whose activations cannot fit in this machine's memory."""
+    if not isinstance(hidden, int) or hidden < 1:
+        return
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = 2 * args.nsamples * args.seqlen * hidden * _dtype(args.dtype).itemsize
+    if need > ram:
+        raise UserError(f"--nsamples {args.nsamples} x --seqlen {args.seqlen}: the calibration activations need "
+                        f"about {need / 2**30:.1f} GiB, more than this machine's {ram / 2**30:.1f} GiB of memory")
+
+
 def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> dict:
     from . import data, models
     from .io import save_pruned
@@ -148,6 +163,8 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     cfg = _config_from(args)
     _check_positive("nsamples", args.nsamples)
     _check_positive("seqlen", args.seqlen)
+    if args.eval_windows is not None:
+        _check_positive("eval-windows", args.eval_windows)
     device = check_device(args.device)
     cfg.device = device
     folder = _local_model_folder(model_spec)
@@ -157,6 +174,7 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
         ctx = mconf.get("max_position_embeddings")
         if isinstance(ctx, int) and args.seqlen > ctx:
             raise UserError(f"--seqlen {args.seqlen} exceeds the model's context of {ctx} tokens")
+        _check_activation_memory(args, mconf.get("hidden_size"))
     protected = ([folder] if folder is not None else []) + _text_paths([calib, *evals])
     outp = check_out(out, args.overwrite, protected)
     if n_params:
@@ -171,6 +189,7 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     ctx = getattr(model.config, "max_position_embeddings", None)
     if ctx is not None and args.seqlen > ctx:
         raise UserError(f"--seqlen {args.seqlen} exceeds the model's context of {ctx} tokens")
+    _check_activation_memory(args, getattr(model.config, "hidden_size", None))
     tokens, calib_info = _calibration(calib, calib_text, args, tok, data)
     eval_sets = {e: data.eval_windows(tok, t, args.seqlen, args.eval_windows) for e, t in eval_texts.items()}
     result = {"model": model_spec, "calib": calib, "device": device, "dtype": args.dtype,

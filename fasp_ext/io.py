@@ -129,6 +129,8 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     from transformers import AutoConfig
 
     p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"path: {p} does not exist")
     if not p.is_dir():
         raise UserError(f"path: {p} is not a folder")
     raw = read_config(p, "path")

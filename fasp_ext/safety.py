@@ -184,7 +184,7 @@ def check_out(out, overwrite: bool, protected=(), arg: str = "--out") -> Path:
         if not p.is_dir():
             raise UserError(f"{arg}: {p} exists and is not a folder")
         if not overwrite:
-            raise UserError(f"{arg}: {p} already exists (use --overwrite to replace a previous fasp_ext output)")
+            raise FileExistsError(f"{arg}: {p} already exists (use --overwrite to replace a previous fasp_ext output)")
         if any(p.iterdir()):
             ok, why = is_fasp_output(p)
             if not ok:

@@ -156,6 +156,13 @@ def test_overwrite_replaces_a_previous_output_and_leaves_no_trace(world, capsys)
     assert set(listed) | {safety.MARKER} == {p.name for p in prev.iterdir()}
 
 
+def test_overwrite_accepts_an_output_of_an_earlier_version_without_marker(world, capsys):
+    prev = make_previous_output(world, capsys)
+    (prev / safety.MARKER).unlink()
+    rc, _, _ = run_cli(world, prune_args(world, prev, "--overwrite"), capsys, out=prev)
+    assert rc == 0 and (prev / safety.MARKER).is_file()
+
+
 def test_existing_output_without_overwrite(world, capsys):
     prev = make_previous_output(world, capsys)
     rc, _, err = run_cli(world, prune_args(world, prev), capsys)
@@ -293,6 +300,18 @@ def test_seqlen_beyond_the_context_fails_before_loading(world, capsys, monkeypat
     monkeypatch.setattr("fasp_ext.models.load_model", _must_not_load)
     rc, _, err = run_cli(world, prune_args(world, world / "o") + ["--seqlen", "4096"], capsys)
     assert rc == 2 and "--seqlen" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--nsamples", "100000000"], "--nsamples"),
+    (["--eval", "texts/eval.txt", "--eval-windows", "0"], "--eval-windows"),
+    (["--batch-size", "0"], "batch_size"),
+    (["--sparsity", "nan"], "sparsity"),
+])
+def test_absurd_sizes_fail_before_loading(world, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr("fasp_ext.models.load_model", _must_not_load)
+    rc, _, err = run_cli(world, prune_args(world, world / "o") + extra, capsys)
+    assert rc == 2 and message in err
 
 
 def test_missing_calibration_file_fails_before_loading(world, capsys, monkeypatch):
