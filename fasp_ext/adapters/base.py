@@ -133,6 +133,7 @@ class Adapter:
     def set_value_head_dim(self, attn: nn.Module, v_head_dim: int) -> None:
         """Make ``attn`` run with value heads of size ``v_head_dim`` (query/key heads unchanged)."""
         attn.v_head_dim = int(v_head_dim)
+        attn._fasp_adapter = type(self)  # family switches the forward reads (soft-capping, window)
         attn.forward = types.MethodType(type(self).value_pruned_forward, attn)
 
     @staticmethod
