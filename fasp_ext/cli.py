@@ -23,7 +23,8 @@ def _dtype(name: str):
 
 def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     if not demo:
-        p.add_argument("--model", required=True, help="local model folder, or 'smollm2' for the embedded model")
+        p.add_argument("--model", required=True,
+                       help="local model folder, or 'smollm2' / 'gemma3-270m' for the embedded models")
         p.add_argument("--calib", required=True,
                        help="calibration text: .txt file(s)/folder, austen:<book>, jargon, or wikitext2/c4/ptb")
         p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
@@ -60,6 +61,13 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate at most this many windows per text")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_bos_arg(p)
+
+
+def _add_bos_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bos", default="auto", choices=["auto", "always", "never"],
+                   help="start every calibration and perplexity window with BOS: auto (when the tokenizer adds "
+                        "one, e.g. Gemma; default), always, never (plain slices of the token stream)")
 
 
 def _config_from(args):
@@ -112,9 +120,10 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     if ctx is not None and args.seqlen > ctx:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context of {ctx} tokens")
     calib_text = data.load_text(calib, split="calib")
-    tokens = data.calibration_windows(tok, calib_text, args.nsamples, args.seqlen, args.seed)
-    eval_sets = {e: data.eval_windows(tok, data.load_text(e), args.seqlen, args.eval_windows) for e in evals}
-    result = {"model": model_spec, "calib": calib, "device": device, "dtype": args.dtype,
+    tokens = data.calibration_windows(tok, calib_text, args.nsamples, args.seqlen, args.seed, bos=args.bos)
+    eval_sets = {e: data.eval_windows(tok, data.load_text(e), args.seqlen, args.eval_windows, bos=args.bos)
+                 for e in evals}
+    result = {"model": model_spec, "calib": calib, "device": device, "dtype": args.dtype, "bos": args.bos,
               "nsamples": args.nsamples, "seqlen": args.seqlen, "load_seconds": t_load}
     ppl_before = {}
     for name, win in eval_sets.items():
@@ -163,7 +172,7 @@ def cmd_demo(args) -> int:
     evals = args.eval if args.eval is not None else ["austen:prideprejudice", "jargon"]
     if args.eval_windows is None:
         args.eval_windows = 32
-    r = run_prune(args, "smollm2", "austen:emma", args.out, evals)
+    r = run_prune(args, args.model, "austen:emma", args.out, evals)
     print_summary(r)
     print(f"  saved to {args.out}; reload with fasp_ext.load_pruned({str(args.out)!r})")
     return 0
@@ -180,7 +189,7 @@ def cmd_eval(args) -> int:
     model, tok = load_model_and_tokenizer(args.model, dtype=_dtype(args.dtype), device=device)
     res = {}
     for spec in args.data:
-        win = data.eval_windows(tok, data.load_text(spec), args.seqlen, args.eval_windows)
+        win = data.eval_windows(tok, data.load_text(spec), args.seqlen, args.eval_windows, bos=args.bos)
         res[spec] = data.perplexity(model, win, device=device, progress=not args.quiet)
         print(f"perplexity on {spec} ({win.shape[0]} x {args.seqlen} tokens): {res[spec]:.3f}")
     if args.json:
@@ -213,9 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model and save it")
     _add_prune_args(p)
     p.set_defaults(func=cmd_prune)
-    d = sub.add_parser("demo", help="prune the embedded SmolLM2-135M at 20%% on Austen text")
+    d = sub.add_parser("demo", help="prune an embedded model (SmolLM2-135M by default) at 20%% on Austen text")
     _add_prune_args(d, demo=True)
     d.add_argument("--out", default="fasp_demo_out", help="output folder (default fasp_demo_out)")
+    d.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3-270m"],
+                   help="embedded model to prune (default smollm2)")
     d.set_defaults(func=cmd_demo)
     c = sub.add_parser("compare", help="rank methods x sparsities by perplexity, time and size")
     c.add_argument("--model", default="smollm2")
@@ -244,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.add_argument("--quiet", action="store_true")
+    _add_bos_arg(e)
     e.set_defaults(func=cmd_eval)
     return ap
 
