@@ -129,7 +129,7 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer) -> list[dict]:
             hooks.append(collect(adapter.mlp_pair(block)[1], st_d))
         energy_in = sum(float(x.float().pow(2).sum()) for x in inputs.hidden) if need_gram else 0.0
         with timer("allocation_forward"):
-            outs = run_block(block, inputs, keep_outputs=True)
+            outs = run_block(block, inputs.at(i), keep_outputs=True)
         for h in hooks:
             h.remove()
         energy_out = sum(float(x.float().pow(2).sum()) for x in outs) if need_gram else 0.0

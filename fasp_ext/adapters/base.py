@@ -73,9 +73,10 @@ class Adapter:
     mlp_out_name = ""
     #: where the MLP's first linear lives relative to the block ("mlp" for LLaMA, "" for OPT)
     mlp_prefix = "mlp"
-    #: the MLP output projection's result is added to the residual stream and is the block's last
-    #: operation (with is_pre_norm): the pipeline then corrects stored block outputs by the change
-    #: of that projection instead of running the block again
+    #: the MLP output projection's result is added to the residual stream as it is (not normalised
+    #: first, as Gemma 2/3's post_feedforward_layernorm does) and is the block's last operation (with
+    #: is_pre_norm): only then does the pipeline correct stored block outputs by the change of that
+    #: projection instead of running the block again (tests/test_stream.py checks both ways)
     mlp_is_residual_branch = True
 
     # ---- model level
@@ -133,6 +134,7 @@ class Adapter:
     def set_value_head_dim(self, attn: nn.Module, v_head_dim: int) -> None:
         """Make ``attn`` run with value heads of size ``v_head_dim`` (query/key heads unchanged)."""
         attn.v_head_dim = int(v_head_dim)
+        attn._fasp_adapter = type(self)  # family switches the forward reads (soft-capping, window)
         attn.forward = types.MethodType(type(self).value_pruned_forward, attn)
 
     @staticmethod
