@@ -105,21 +105,24 @@ def _flap_costs(W, stats: Stats, ks: list[int], groups, segments: int) -> list[f
 
 
 @torch.no_grad()
-def plan(adapter, blocks, mcfg, inputs, cfg, device, timer) -> list[dict]:
+def plan(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> list[dict]:
     """Per block ``{"v_keep": kept value channels per kv head or None, "mlp_keep": kept MLP width or None}``.
 
     Runs the blocks densely over ``inputs`` (whose hidden states it overwrites with the dense outputs).
     """
     from .pipeline import kept_count
 
-    home = next(blocks[0].parameters()).device
+    if mover is None:
+        from .calibration import BlockMover
+
+        mover = BlockMover(next(blocks[0].parameters()).device)
     attn_f, mlp_f = cfg.attn_fraction, cfg.mlp_fraction
     kind = cfg.allocation_kind
     need_gram = kind == "error"
     damp = cfg.selection_damp
     per_block = []  # per block: (attn, mlp), each (kept counts, step costs, parameters per unit) or None
     for i in range(len(blocks)):
-        block = blocks[i].to(device)
+        block = mover.fetch(blocks, i, device)
         hooks, st_o, st_d = [], None, None
         if attn_f > 0:
             st_o = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram)
@@ -163,7 +166,7 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer) -> list[dict]:
                     costs = _flap_costs(W, st, ks, groups, segments)
                 entry.append((ks, costs, _unit_params(adapter, block, mcfg, which)))
         per_block.append(entry)
-        blocks[i] = block.to(home)
+        mover.release(blocks, i, block, final=False)
     # one greedy per structure, or (flap-am) one over both with counts weighed in parameters
     parts = [(idx, key, frac, mult) for idx, key, frac, mult in
              ((0, "v_keep", attn_f, cfg.attn_multiple), (1, "mlp_keep", mlp_f, cfg.mlp_multiple))

@@ -131,9 +131,9 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.
             except _Stop:
                 pass
     finally:
+        model.to(orig_device)  # before the blocks are back: they may live on the meta device (lazy loading)
         for i, b in enumerate(saved):
             blocks[i] = b
-        model.to(orig_device)
     if len(set(seen)) != 1 or seen[0] != len(hidden):
         raise RuntimeError(f"fasp_ext: the model did not run every decoder block once per batch ({seen}); "
                            "please report")
@@ -234,3 +234,21 @@ def run_block(block: nn.Module, inputs: BlockInputs, keep_outputs: bool = True) 
         if keep_outputs and out is not None:
             outs.append(out)
     return outs if keep_outputs else None
+
+
+class BlockMover:
+    """How a pass brings decoder block ``i`` to the compute device and puts it back afterwards.
+
+    In memory (this class) a block is moved with ``.to()``; fasp_ext/lazy.py loads it from the
+    checkpoint at its turn instead and writes and frees it when it is done, so only one block is
+    ever materialised. ``final`` says the block is pruned and will not be needed again.
+    """
+
+    def __init__(self, home: torch.device):
+        self.home = home
+
+    def fetch(self, blocks: nn.ModuleList, i: int, device: torch.device) -> nn.Module:
+        return blocks[i].to(device)
+
+    def release(self, blocks: nn.ModuleList, i: int, block: nn.Module, final: bool) -> None:
+        blocks[i] = block.to(self.home)

@@ -66,6 +66,10 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--eval", nargs="*", default=None, help="texts to measure perplexity on before and after")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate at most this many windows per text")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    if not demo:
+        p.add_argument("--lazy", action="store_true",
+                       help="read each decoder block from the checkpoint at its turn and write it when pruned: "
+                            "host memory holds one block, not the model (no --eval); writes a sharded checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_bos_arg(p)
 
@@ -176,6 +180,14 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     device = check_device(args.device)
     cfg.device = device
     folder = _local_model_folder(model_spec)
+    if getattr(args, "lazy", False):
+        if evals:
+            raise UserError("--eval needs the whole model in memory, which --lazy avoids; evaluate the output "
+                            "afterwards with `fasp-ext eval`")
+        if folder is None:
+            folder = Path(models.embedded_model_path(model_spec) or model_spec)
+            if not folder.is_dir():
+                raise UserError(f"--lazy needs a local checkpoint folder, got --model {model_spec!r}")
     n_params = None
     if folder is not None:
         mconf, n_params = check_model_folder(folder)
@@ -191,6 +203,8 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
         check_free_space(outp, need_min=int(nbytes * (1.0 - most)), need_max=nbytes + (64 << 20))
     calib_text = data.load_text(calib, split="calib")  # texts before weights: a typo fails in a second
     eval_texts = {e: data.load_text(e) for e in evals}
+    if getattr(args, "lazy", False):
+        return _run_prune_lazy(args, cfg, model_spec, folder, calib, calib_text, outp, protected)
     t0 = time.perf_counter()
     model, tok = models.load_model(model_spec, dtype=_dtype(args.dtype), device="cpu")
     t_load = time.perf_counter() - t0
@@ -220,6 +234,25 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
                    "perplexity_before": ppl_before, "perplexity_after": ppl_after,
                    "eval_windows": {k: int(v.shape[0]) for k, v in eval_sets.items()}})
     save_pruned(model, outp, tok, result, overwrite=args.overwrite, protected=protected)
+    return result
+
+
+def _run_prune_lazy(args, cfg, model_spec, folder: Path, calib, calib_text, outp, protected) -> dict:
+    """--lazy: blocks are read from the checkpoint at their turn and written when pruned (fasp_ext/lazy.py)."""
+    from transformers import AutoTokenizer
+
+    from . import data
+    from .lazy import prune_checkpoint
+
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokens, calib_info = _calibration(calib, calib_text, args, tok, data)
+    extra = {"model": model_spec, "calib": calib, "device": cfg.device, "dtype": args.dtype, "bos": args.bos,
+             "nsamples": args.nsamples, "seqlen": args.seqlen, "calibration": calib_info,
+             "perplexity_before": {}, "perplexity_after": {}, "eval_windows": {}}
+    t1 = time.perf_counter()
+    result = prune_checkpoint(folder, outp, tokens, cfg, dtype=_dtype(args.dtype), overwrite=args.overwrite,
+                              report_extra=extra, protected=protected)
+    result["prune_seconds"] = time.perf_counter() - t1
     return result
 
 

@@ -78,12 +78,12 @@ def _validate_meta(meta, config, adapter, n_blocks: int, where: Path) -> tuple[l
     return meta["v_head_dim"], meta["mlp_width"], added
 
 
-def _tensor_table(p: Path) -> dict[str, tuple[Path, dict]]:
+def _tensor_table(p: Path, arg: str = "path") -> dict[str, tuple[Path, dict]]:
     table: dict[str, tuple[Path, dict]] = {}
-    for f in weight_files(p, "path"):
-        for name, t in safetensors_header(f, "path").items():
+    for f in weight_files(p, arg):
+        for name, t in safetensors_header(f, arg).items():
             if name in table:
-                raise UserError(f"path: tensor {name!r} is stored twice ({table[name][0].name} and {f.name})")
+                raise UserError(f"{arg}: tensor {name!r} is stored twice ({table[name][0].name} and {f.name})")
             table[name] = (f, t)
     return table
 
@@ -115,6 +115,60 @@ def _build(config, dtype, meta, adapter, n_check: Path | None = None):
     return model
 
 
+class Checkpoint:
+    """A safetensors checkpoint folder, checked without allocating a weight: its config, the tensor
+    table of exactly the files it declares, and a meta-device skeleton (per-block sizes rebuilt from
+    the ``fasp_ext`` section) whose every tensor matches the table in name and shape."""
+
+    def __init__(self, path, dtype: torch.dtype | None = None, arg: str = "path"):
+        from transformers import AutoConfig
+
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"{arg}: {p} does not exist")
+        if not p.is_dir():
+            raise UserError(f"{arg}: {p} is not a folder")
+        self.path, self.arg = p, arg
+        self.raw = read_config(p, arg)
+        self.table = _tensor_table(p, arg)
+        try:
+            self.config = AutoConfig.from_pretrained(p)
+        except (ValueError, KeyError, OSError) as e:
+            raise UserError(f"{arg}: {p / 'config.json'} cannot be read by transformers ({e})") from None
+        if dtype is None:
+            counts = Counter(_ST_DTYPES[t["dtype"]] for _, t in self.table.values() if t["dtype"] in _ST_DTYPES)
+            dtype = counts.most_common(1)[0][0] if counts else torch.float32
+        self.dtype = dtype
+        self.meta, self.adapter = None, None
+        if "fasp_ext" in self.raw:
+            self.adapter = adapter_for(self.config)
+            with torch.device("meta"):
+                skeleton = _build(self.config, dtype, None, self.adapter)
+            n_blocks = len(self.adapter.blocks(skeleton))
+            self.meta = _validate_meta(self.raw["fasp_ext"], self.config, self.adapter, n_blocks, p)
+
+    def skeleton(self):
+        """The model on the meta device, checked against the tensor table."""
+        with torch.device("meta"):
+            skeleton = _build(self.config, self.dtype, self.meta, self.adapter)
+        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        tied = _tied_keys(skeleton)
+        table = self.table
+        missing = [k for k in expected if k not in table and k not in tied and not k.endswith("rotary_emb.inv_freq")]
+        unexpected = [k for k in table if k not in expected]
+        wrong = [f"{k} {tuple(table[k][1]['shape'])} != {expected[k]}" for k in expected
+                 if k in table and tuple(table[k][1]["shape"]) != expected[k]]
+        if missing or unexpected or wrong:
+            parts = [f"{what} {items[:5]}" for what, items in (("missing", missing), ("unexpected", unexpected),
+                                                                ("wrong shape", wrong)) if items]
+            raise UserError(f"{self.arg}: the weights in {self.path} do not match its config: " + "; ".join(parts))
+        return skeleton
+
+    def build(self):
+        """The model with freshly initialised weights of the checked architecture (CPU)."""
+        return _build(self.config, self.dtype, self.meta, self.adapter)
+
+
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load a model saved by fasp_ext (or any safetensors checkpoint of a supported family),
     rebuilding per-block sizes (value head size, MLP width) from the config's ``fasp_ext`` section.
@@ -126,44 +180,11 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     ``dtype`` asks for another.
     """
     from safetensors import safe_open
-    from transformers import AutoConfig
 
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"path: {p} does not exist")
-    if not p.is_dir():
-        raise UserError(f"path: {p} is not a folder")
-    raw = read_config(p, "path")
-    table = _tensor_table(p)
-    try:
-        config = AutoConfig.from_pretrained(p)
-    except (ValueError, KeyError, OSError) as e:
-        raise UserError(f"path: {p / 'config.json'} cannot be read by transformers ({e})") from None
-    if dtype is None:
-        counts = Counter(_ST_DTYPES[t["dtype"]] for _, t in table.values() if t["dtype"] in _ST_DTYPES)
-        dtype = counts.most_common(1)[0][0] if counts else torch.float32
-    meta, adapter = None, None
-    if "fasp_ext" in raw:
-        adapter = adapter_for(config)
-        with torch.device("meta"):
-            skeleton = _build(config, dtype, None, adapter)
-        n_blocks = len(adapter.blocks(skeleton))
-        meta = _validate_meta(raw["fasp_ext"], config, adapter, n_blocks, p)
-    # shapes first, on a skeleton that allocates nothing
-    with torch.device("meta"):
-        skeleton = _build(config, dtype, meta, adapter)
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    tied = _tied_keys(skeleton)
-    missing = [k for k in expected if k not in table and k not in tied and not k.endswith("rotary_emb.inv_freq")]
-    unexpected = [k for k in table if k not in expected]
-    wrong = [f"{k} {tuple(table[k][1]['shape'])} != {expected[k]}" for k in expected
-             if k in table and tuple(table[k][1]["shape"]) != expected[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{what} {items[:5]}" for what, items in (("missing", missing), ("unexpected", unexpected),
-                                                            ("wrong shape", wrong)) if items]
-        raise UserError(f"path: the weights in {p} do not match its config: " + "; ".join(parts))
-    del skeleton
-    model = _build(config, dtype, meta, adapter)
+    ck = Checkpoint(path)
+    ck.skeleton()  # shapes first, on a skeleton that allocates nothing
+    p, table, dtype = ck.path, ck.table, ck.dtype
+    model = ck.build()
     by_file: dict[Path, list[str]] = {}
     for k, (f, _) in table.items():
         by_file.setdefault(f, []).append(k)

@@ -27,7 +27,8 @@ from . import ops
 from .adapters import Adapter, adapter_for
 from .adapters.base import _shrink_linear
 from .damping import DEFAULT_GRID, choose_damp
-from .calibration import BlockInputs, Stats, capture_block_inputs, collect, fluctuation_scores, record, run_block
+from .calibration import (BlockInputs, BlockMover, Stats, capture_block_inputs, collect, fluctuation_scores, record,
+                          run_block)
 
 log = logging.getLogger("fasp_ext")
 
@@ -456,11 +457,13 @@ def _check_token_range(tokens: torch.Tensor, model: nn.Module) -> None:
                          f"got ids from {lo} to {hi}")
 
 
-def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> PruneReport:
+def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
+          mover: BlockMover | None = None) -> PruneReport:
     """Prune ``model`` in place by FASP on ``calibration`` tokens (nsamples x seqlen); return a report.
 
     Usable from any toolkit: no CLI, no global state. The model keeps its dtype; one block at a
-    time runs on ``config.device``.
+    time runs on ``config.device``. ``mover`` brings each block to the device and back (default: in
+    memory; fasp_ext/lazy.py loads blocks from a checkpoint at their turn and writes them when done).
     """
     cfg = config or PruneConfig()
     cfg.validate()
@@ -473,6 +476,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
         raise ValueError(f"seqlen {tokens.shape[1]} exceeds the model's context of {ctx} tokens")
     device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
     home = next(model.parameters()).device
+    mover = mover or BlockMover(home)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     timer = _Timer(device)
@@ -494,7 +498,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
         n_alloc = int(cfg.allocation_samples) or tokens.shape[0]
         with timer("capture"):
             sub = capture_block_inputs(model, blocks, tokens[:n_alloc], cfg.batch_size, device)
-        keeps = plan(adapter, blocks, mcfg, sub, cfg, device, timer)
+        keeps = plan(adapter, blocks, mcfg, sub, cfg, device, timer, mover)
         del sub
     need_gram = cfg.restores
     dense_inputs = None
@@ -511,7 +515,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
     if cfg.progress and tqdm is not None:
         it = tqdm(it, desc=f"{cfg.method} {cfg.sparsity:.0%}", unit="block")
     for i in it:
-        block = blocks[i].to(device)
+        block = mover.fetch(blocks, i, device)
         info: dict = {"block": i}
         inputs = inputs.at(i)  # block i runs with its own arguments (mask, window, position embeddings)
         if dense_inputs is not None:
@@ -520,7 +524,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
             info.update(_one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, prune_mlp_,
                                         need_gram, val_every, keeps[i]))
             report.blocks.append(info)
-            blocks[i] = block.to(home)
+            mover.release(blocks, i, block, final=True)
             continue
         x_dense = {"attn": None, "mlp": None}
         if dense_inputs is not None:  # the dense block on the dense stream: the restoration targets
@@ -569,7 +573,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None) -> P
                 outs = run_block(block, inputs, keep_outputs=True)
         inputs = inputs.with_hidden(outs)
         report.blocks.append(info)
-        blocks[i] = block.to(home)
+        mover.release(blocks, i, block, final=True)
     _record_sizes(adapter, model, report, biased_before)
     model.train(was_training)
     report.params_after = count_params(model)

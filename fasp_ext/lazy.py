@@ -1,0 +1,210 @@
+"""Prune checkpoints bigger than memory: blocks are loaded at their turn and written when done.
+
+``prune_checkpoint(folder, out, tokens, config)`` builds the model on the meta device, loads only
+what lies outside the decoder blocks (embeddings, final norm, LM head), and hands the generic
+pipeline a :class:`LazyBlocks` mover: block ``i`` is read from the safetensors files when a pass
+reaches it, run and pruned on the compute device, then written to the output shards and freed.
+Peak host memory is about the embeddings and LM head + one block + the calibration activations and
+statistics, whatever the depth. The output is an ordinary sharded checkpoint (``model-*-of-*.safetensors``
++ ``model.safetensors.index.json``), published atomically like every fasp_ext output, and equal to
+what in-memory pruning of the same model writes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .calibration import BlockMover
+from .io import Checkpoint, _tied_keys
+from .safety import OutputFolder
+
+#: files copied from the input folder next to the pruned weights (tokenizer, generation settings)
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+              "chat_template.json")
+
+
+def _module_prefix(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise RuntimeError("fasp_ext: decoder blocks not found in the model")  # pragma: no cover
+
+
+def _materialise(module: nn.Module, device, recurse: bool = True) -> None:
+    """Give every meta parameter/buffer of ``module`` real (uninitialised) storage on ``device``."""
+    mods = module.modules() if recurse else [module]
+    for m in mods:
+        for store in (m._parameters, m._buffers):
+            for k, t in list(store.items()):
+                if t is not None and t.is_meta:
+                    e = torch.empty_like(t, device=device)
+                    store[k] = nn.Parameter(e, requires_grad=False) if isinstance(t, nn.Parameter) else e
+
+
+class ShardWriter:
+    """Writes tensors into ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``max_bytes`` and
+    the index that names them (the Hugging Face sharded-checkpoint layout)."""
+
+    def __init__(self, folder: Path, max_bytes: int = 2 << 30):
+        self.folder, self.max_bytes = Path(folder), int(max_bytes)
+        self.buf: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, t in tensors.items():
+            t = t.detach().to("cpu").contiguous()
+            self.buf[k] = t
+            self.size += t.numel() * t.element_size()
+        if self.size >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        from safetensors.torch import save_file
+
+        name = f"part-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.buf, str(self.folder / name), metadata={"format": "pt"})
+        self.files.append((name, sorted(self.buf)))
+        self.total += self.size
+        self.buf, self.size = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        n = len(self.files)
+        wmap = {}
+        for j, (name, keys) in enumerate(self.files, 1):
+            final = f"model-{j:05d}-of-{n:05d}.safetensors"
+            (self.folder / name).rename(self.folder / final)
+            wmap.update({k: final for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(wmap.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+class LazyBlocks(BlockMover):
+    """The model of a checkpoint with its decoder blocks on the meta device until their turn.
+
+    ``model`` is ready to run as far as the pipeline needs (embeddings, final norm and LM head are
+    loaded); ``fetch`` reads block ``i`` from the checkpoint onto the compute device, ``release``
+    frees it again (after handing it to ``writer`` when it is final). ``materialised`` counts the
+    blocks holding real storage at any moment; ``peak_materialised`` is the most there ever were.
+    """
+
+    def __init__(self, folder, dtype: torch.dtype | None = None):
+        from .adapters import adapter_for
+
+        self.ck = Checkpoint(folder, dtype, arg="--model")
+        model = self.ck.skeleton().eval()
+        self.adapter = adapter_for(model)
+        self.blocks = self.adapter.blocks(model)
+        self.prefix = _module_prefix(model, self.blocks)
+        self.block_ids = {id(b): i for i, b in enumerate(self.blocks)}
+        inside = {id(m) for b in self.blocks for m in b.modules()} | {id(self.blocks)}
+        outside = [m for m in model.modules() if id(m) not in inside]
+        for m in outside:
+            _materialise(m, "cpu", recurse=False)
+        self._init_buffers(model, outside)
+        model.load_state_dict(self._read(lambda k: not k.startswith(self.prefix + ".")), strict=False)
+        model.tie_weights()
+        self.model = model
+        self.writer: ShardWriter | None = None
+        self.materialised = 0
+        self.peak_materialised = 0
+        self.loads = [0] * len(self.blocks)
+        super().__init__(torch.device("cpu"))
+
+    def _init_buffers(self, model: nn.Module, modules) -> None:
+        """Non-persistent buffers (rotary frequencies, embedding scales) are not in a checkpoint:
+        let transformers initialise the modules that own them."""
+        owners = {name.rsplit(".", 1)[0] for name, _ in model.named_non_persistent_buffers()} \
+            if hasattr(model, "named_non_persistent_buffers") else set()
+        ids = {id(m) for m in modules}
+        for name in owners:
+            m = model.get_submodule(name) if name else model
+            if id(m) in ids:
+                model._init_weights(m)
+
+    def _read(self, want) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for k, (f, _) in self.ck.table.items():
+            if want(k):
+                by_file.setdefault(f, []).append(k)
+        out = {}
+        for f, keys in by_file.items():
+            with safe_open(str(f), framework="pt") as sf:
+                for k in keys:
+                    t = sf.get_tensor(k)
+                    out[k] = t.to(self.ck.dtype) if t.is_floating_point() else t
+        return out
+
+    def fetch(self, blocks, i, device):
+        block = blocks[i]
+        name = f"{self.prefix}.{i}."
+        _materialise(block, device)
+        self._init_buffers(self.model, list(block.modules()))
+        state = {k[len(name):]: v for k, v in self._read(lambda k: k.startswith(name)).items()}
+        missing, unexpected = block.load_state_dict(state, strict=False)
+        if missing or unexpected:  # the skeleton was checked against the table: a defect if this fires
+            raise RuntimeError(f"fasp_ext: block {i} does not match the checkpoint ({missing[:3]}, {unexpected[:3]})")
+        self.materialised += 1
+        self.peak_materialised = max(self.peak_materialised, self.materialised)
+        self.loads[i] += 1
+        return block
+
+    def release(self, blocks, i, block, final):
+        if final and self.writer is not None:
+            self.writer.add({f"{self.prefix}.{i}.{k}": v for k, v in block.state_dict().items()})
+        blocks[i] = block.to("meta")
+        self.materialised -= 1
+
+    def write_rest(self) -> None:
+        """Everything outside the blocks (tied copies left out, as save_pretrained does)."""
+        tied = _tied_keys(self.model)
+        rest = {k: v for k, v in self.model.state_dict().items()
+                if not k.startswith(self.prefix + ".") and k not in tied}
+        self.writer.add(rest)
+
+
+def prune_checkpoint(folder, out, calibration, config=None, dtype: torch.dtype | None = None,
+                     overwrite: bool = False, report_extra: dict | None = None, max_shard_bytes: int = 2 << 30,
+                     protected=()):
+    """Prune the checkpoint in ``folder`` block by block into ``out`` without ever holding more
+    than one decoder block in memory; returns the pipeline's report (a dict, as written to
+    ``fasp_report.json``). ``calibration``: token windows (nsamples x seqlen), as for ``prune``."""
+    from .pipeline import prune
+
+    folder = Path(folder).expanduser()
+    t0 = time.perf_counter()
+    lazy = LazyBlocks(folder, dtype)
+    t_load = time.perf_counter() - t0
+    out_folder = OutputFolder(out, overwrite=overwrite, protected=(folder, *protected), arg="out")
+    with out_folder as tmp:
+        lazy.writer = ShardWriter(tmp, max_shard_bytes)
+        report = prune(lazy.model, calibration, config, mover=lazy)
+        t1 = time.perf_counter()
+        lazy.write_rest()
+        lazy.writer.finish()
+        cfg = lazy.model.config
+        cfg.dtype = lazy.ck.dtype
+        cfg.save_pretrained(tmp)
+        for name in SIDE_FILES:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, tmp / name)
+        result = dict(report_extra or {})
+        result.update(report.to_dict())
+        result.update({"lazy": True, "load_seconds": t_load, "save_seconds": time.perf_counter() - t1,
+                       "peak_blocks_in_memory": lazy.peak_materialised})
+        (tmp / "fasp_report.json").write_text(json.dumps(result, indent=2, default=str))
+        out_folder.publish()
+    return result

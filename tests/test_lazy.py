@@ -1,0 +1,95 @@
+"""Block-by-block loading (fasp_ext/lazy.py): the same result as in-memory pruning, one block in
+memory at a time, whatever the depth."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fasp_ext.cli import main
+from fasp_ext.io import load_pruned, save_pruned
+from fasp_ext.lazy import LazyBlocks, prune_checkpoint
+from fasp_ext.pipeline import PruneConfig, prune
+from tiny_models import FAMILIES, random_tokens, tiny_family, tiny_llama
+
+
+def _same_state(a_dir, b_dir):
+    a, b = load_pruned(a_dir).state_dict(), load_pruned(b_dir).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("allocation", [None, "uniform"])
+def test_lazy_equals_in_memory_pruning(tmp_path, family, allocation):
+    tiny_family(family).save_pretrained(tmp_path / "src", max_shard_size="30KB")
+    assert len(list((tmp_path / "src").glob("*.safetensors"))) > 2  # a sharded input
+    toks = random_tokens(4, 24)
+    cfg = lambda: PruneConfig(sparsity=0.25, allocation=allocation, progress=False)  # noqa: E731
+    rep = prune_checkpoint(tmp_path / "src", tmp_path / "lazy", toks, cfg())
+    m = tiny_family(family)
+    prune(m, toks, cfg())
+    save_pruned(m, tmp_path / "mem")
+    _same_state(tmp_path / "lazy", tmp_path / "mem")
+    assert rep["peak_blocks_in_memory"] == 1
+    assert (tmp_path / "lazy" / "model.safetensors.index.json").is_file()
+
+
+class _Spy(LazyBlocks):
+    """Records, at every fetch, which blocks hold real storage and how many bytes they take."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.events = []
+
+    def _real_blocks(self):
+        return [j for j, b in enumerate(self.blocks) if any(not p.is_meta for p in b.parameters())]
+
+    def fetch(self, blocks, i, device):
+        assert self._real_blocks() == [], f"block(s) {self._real_blocks()} in memory before block {i}'s turn"
+        block = super().fetch(blocks, i, device)
+        nbytes = sum(p.numel() * p.element_size() for b in self.blocks for p in b.parameters() if not p.is_meta)
+        self.events.append((i, self._real_blocks(), nbytes))
+        return block
+
+
+@pytest.mark.parametrize("layers", [2, 6])
+def test_one_block_at_a_time_and_memory_independent_of_depth(tmp_path, layers):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    spy = _Spy(tmp_path / "src")
+    assert all(p.is_meta for b in spy.blocks for p in b.parameters())  # nothing loaded up front
+    prune(spy.model, random_tokens(2, 16), PruneConfig(sparsity=0.25, progress=False), mover=spy)
+    # default allocation: a dense pass, then the pruning pass; each block in memory alone, in order
+    assert [e[0] for e in spy.events] == list(range(layers)) * 2
+    assert all(e[1] == [e[0]] for e in spy.events)
+    one_block = sum(p.numel() * p.element_size() for p in LlamaForCausalLM(cfg).model.layers[0].parameters())
+    assert max(e[2] for e in spy.events) == one_block  # the same for 2 and 6 blocks
+
+
+def test_cli_lazy_prunes_reloads_and_refuses_eval(tmp_path, capsys):
+    from test_cli import WORDS, _tokenizer
+
+    src = tmp_path / "model"
+    tiny_llama().save_pretrained(src)
+    _tokenizer().save_pretrained(src)
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "c.txt").write_text(" ".join(f"w{i}" for i in torch.randint(0, WORDS, (2000,), generator=g).tolist()))
+    args = ["prune", "--model", str(src), "--calib", str(tmp_path / "c.txt"), "--nsamples", "4", "--seqlen", "16",
+            "--quiet", "--sparsity", "0.25"]
+    assert main(args + ["--out", str(tmp_path / "lazy"), "--lazy"]) == 0
+    assert main(args + ["--out", str(tmp_path / "mem")]) == 0
+    _same_state(tmp_path / "lazy", tmp_path / "mem")
+    rep = json.loads((tmp_path / "lazy" / "fasp_report.json").read_text())
+    assert rep["lazy"] and rep["peak_blocks_in_memory"] == 1
+    assert (tmp_path / "lazy" / "tokenizer.json").is_file()
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "x"), "--lazy", "--eval", str(tmp_path / "c.txt")]) == 2
+    assert "--lazy" in capsys.readouterr().err and not (tmp_path / "x").exists()
