@@ -34,6 +34,7 @@ import heapq
 
 import torch
 
+from . import distributed
 from .calibration import Stats, collect, fluctuation_scores, run_block
 
 ALLOCATIONS = ("uniform", "error", "flap", "flap-am")
@@ -135,7 +136,12 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> list[
             outs = run_block(block, inputs.at(i), keep_outputs=True)
         for h in hooks:
             h.remove()
+        for st in (st_o, st_d):
+            if st is not None:
+                st.reduce()
         energy_out = sum(float(x.float().pow(2).sum()) for x in outs) if need_gram else 0.0
+        if need_gram:
+            energy_in, energy_out = distributed.all_reduce_numbers(energy_in, energy_out, device=device)
         inputs.hidden[:] = outs
         entry = []
         with timer("allocation_costs"):

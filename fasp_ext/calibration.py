@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 
 
 class _Stop(Exception):
@@ -168,8 +168,17 @@ class Stats:
     def new(m: int, device, gram: bool = True, store: bool = False, val_every: int = 0) -> "Stats":
         z = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
         val = gram and val_every > 0
+        # under torch.distributed, samples are numbered globally so the held-out ones are the same
         return Stats(z(m), z(m, m) if gram else None, z(m), 0, [] if store else None, val_every if val else 0,
-                     z(m, m) if val else None, z(m) if val else None)
+                     z(m, m) if val else None, z(m) if val else None, samples=distributed.sample_offset())
+
+    def reduce(self) -> "Stats":
+        """Sum the statistics of every process (torch.distributed); a no-op in a single process."""
+        if distributed.active():
+            distributed.all_reduce_(self.s, self.H, self.mu, self.H_val, self.mu_val, self.D)
+            self.n, self.n_val = (int(v) for v in distributed.all_reduce_numbers(self.n, self.n_val,
+                                                                                 device=self.s.device))
+        return self
 
     def add(self, x: torch.Tensor) -> None:
         m = x.shape[-1]

@@ -12,6 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
+from . import distributed
 from .safety import (Terminated, UserError, check_device, check_free_space, check_model_folder, check_out,
                      handle_signals, signal_received)
 
@@ -178,6 +179,9 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     if args.eval_windows is not None:
         _check_positive("eval-windows", args.eval_windows)
     device = check_device(args.device)
+    if distributed.init_from_env(device):  # under torchrun: this process's share of the windows
+        device = distributed.device_for(device)
+        cfg.progress = cfg.progress and distributed.rank() == 0
     cfg.device = device
     folder = _local_model_folder(model_spec)
     if getattr(args, "lazy", False):
@@ -219,7 +223,7 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
               "nsamples": args.nsamples, "seqlen": args.seqlen, "load_seconds": t_load, "calibration": calib_info}
     ppl_before = {}
     for name, win in eval_sets.items():
-        ppl_before[name] = data.perplexity(model.to(device), win, device=device, progress=not args.quiet)
+        ppl_before[name] = _perplexity(model.to(device), win, device, args.quiet)
         model.to("cpu")
     dense_params = count_params(model)
     t1 = time.perf_counter()
@@ -227,14 +231,31 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     t_prune = time.perf_counter() - t1
     ppl_after = {}
     for name, win in eval_sets.items():
-        ppl_after[name] = data.perplexity(model.to(device), win, device=device, progress=not args.quiet)
+        ppl_after[name] = _perplexity(model.to(device), win, device, args.quiet)
         model.to("cpu")
     result.update(report.to_dict())
     result.update({"params_before": dense_params, "prune_seconds": t_prune,
                    "perplexity_before": ppl_before, "perplexity_after": ppl_after,
                    "eval_windows": {k: int(v.shape[0]) for k, v in eval_sets.items()}})
-    save_pruned(model, outp, tok, result, overwrite=args.overwrite, protected=protected)
+    if distributed.rank() == 0:  # one writer
+        save_pruned(model, outp, tok, result, overwrite=args.overwrite, protected=protected)
+    distributed.barrier()
     return result
+
+
+def _perplexity(model, windows, device, quiet: bool) -> float:
+    """Perplexity over ``windows``; under torch.distributed each process scores its share and the
+    per-window mean losses are summed across processes (the same number as one process gives)."""
+    import math
+
+    from . import data
+
+    if not distributed.active() or windows.shape[0] < distributed.world_size():
+        return data.perplexity(model, windows, device=device, progress=not quiet)
+    mine = distributed.shard(windows, set_offset=False)
+    ppl = data.perplexity(model, mine, device=device, progress=not quiet and distributed.rank() == 0)
+    nll, n = distributed.all_reduce_numbers(math.log(ppl) * mine.shape[0], mine.shape[0])
+    return math.exp(nll / n)
 
 
 def _run_prune_lazy(args, cfg, model_spec, folder: Path, calib, calib_text, outp, protected) -> dict:
@@ -271,8 +292,9 @@ def print_summary(r: dict) -> None:
 
 def cmd_prune(args) -> int:
     r = run_prune(args, args.model, args.calib, args.out, args.eval or [])
-    print_summary(r)
-    print(f"  saved to {args.out}")
+    if distributed.rank() == 0:
+        print_summary(r)
+        print(f"  saved to {args.out}")
     return 0
 
 
@@ -470,7 +492,12 @@ class _Formatter(logging.Formatter):
 def _run(args, debug: bool) -> int:
     with handle_signals():
         try:
-            rc = args.func(args)
+            try:
+                rc = args.func(args)
+            finally:
+                if distributed.active():
+                    torch_dist = __import__("torch").distributed
+                    torch_dist.destroy_process_group()
         except KeyboardInterrupt:
             rc = 128 + signal.SIGINT
         except Terminated:

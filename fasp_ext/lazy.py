@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .calibration import BlockMover
 from .io import Checkpoint, _tied_keys
 from .safety import OutputFolder
@@ -188,6 +189,9 @@ def prune_checkpoint(folder, out, calibration, config=None, dtype: torch.dtype |
     t0 = time.perf_counter()
     lazy = LazyBlocks(folder, dtype)
     t_load = time.perf_counter() - t0
+    if distributed.rank() != 0:  # under torch.distributed one process writes; the others only compute
+        report = prune(lazy.model, calibration, config, mover=lazy)
+        return dict(report_extra or {}, **report.to_dict())
     out_folder = OutputFolder(out, overwrite=overwrite, protected=(folder, *protected), arg="out")
     with out_folder as tmp:
         lazy.writer = ShardWriter(tmp, max_shard_bytes)

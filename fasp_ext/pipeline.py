@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 from .adapters import Adapter, adapter_for
 from .adapters.base import _shrink_linear
 from .damping import DEFAULT_GRID, choose_damp
@@ -186,6 +186,9 @@ class PruneReport:
     times: dict[str, float] = field(default_factory=dict)
     calibration_tokens: int = 0
     allocation: str = "uniform"
+    #: processes that shared the calibration windows (torch.distributed) and the tokens each one saw
+    world_size: int = 1
+    tokens_per_rank: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -483,6 +486,10 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
     t0 = time.perf_counter()
     report = PruneReport(cfg.method, cfg.sparsity, count_params(model), 0,
                          calibration_tokens=int(tokens.numel()), allocation=cfg.allocation_kind)
+    all_tokens, tokens = tokens, distributed.shard(tokens)  # this process's windows (all of them when alone)
+    report.world_size = distributed.world_size()
+    report.tokens_per_rank = [int(v) for v in distributed.all_reduce_numbers(
+        *[tokens.numel() if r == distributed.rank() else 0 for r in range(report.world_size)], device=device)]
     was_training = model.training
     model.eval()
     blocks = adapter.blocks(model)
@@ -495,9 +502,10 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
     if cfg.allocation_kind != "uniform" and (prune_attn or prune_mlp_):
         from .allocation import plan
 
-        n_alloc = int(cfg.allocation_samples) or tokens.shape[0]
+        n_alloc = int(cfg.allocation_samples) or all_tokens.shape[0]
+        sub_tokens = distributed.shard(all_tokens[:n_alloc], set_offset=False)
         with timer("capture"):
-            sub = capture_block_inputs(model, blocks, tokens[:n_alloc], cfg.batch_size, device)
+            sub = capture_block_inputs(model, blocks, sub_tokens, cfg.batch_size, device)
         keeps = plan(adapter, blocks, mcfg, sub, cfg, device, timer, mover)
         del sub
     need_gram = cfg.restores
@@ -543,6 +551,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             with timer("forward_attention_stats"):
                 run_block(block, inputs, keep_outputs=False)
             h.remove()
+            st.reduce()
             with timer("solve_attention"):
                 info.update(prune_values(adapter, block, mcfg, st, cfg, gen, keeps[i]["v_keep"]))
             del st
@@ -556,6 +565,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             with timer("forward_mlp_stats"):
                 outs = run_block(block, inputs, keep_outputs=True)
             h.remove()
+            st.reduce()
             with timer("solve_mlp"):
                 rep, change = prune_mlp(adapter, block, st, cfg, gen, keeps[i]["mlp_keep"])
             info.update(rep)
@@ -599,6 +609,9 @@ def _one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, p
         outs = run_block(block, inputs, keep_outputs=True)
     for h in hooks:
         h.remove()
+    for st in (st_o, st_d):
+        if st is not None:
+            st.reduce()
     with timer("solve"):
         if st_o is not None:
             info.update(prune_values(adapter, block, mcfg, st_o, cfg, gen, keep["v_keep"]))
