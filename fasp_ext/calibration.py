@@ -89,6 +89,12 @@ class _ArgRecorder(nn.Module):
         return h
 
 
+def _move(model: nn.Module, device) -> None:
+    """``model.to(device)`` leaving meta tensors where they are (lazy loading keeps the blocks and
+    the output head there until they are needed)."""
+    model._apply(lambda t: t if t.is_meta else t.to(device))
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int,
                          device: torch.device) -> BlockInputs:
@@ -124,14 +130,14 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.
     for i, b in enumerate(saved):
         blocks[i] = _ArgRecorder(b, i, sink)
     try:
-        model.to(device)
+        _move(model, device)
         for i in range(0, tokens.shape[0], batch_size):
             try:
                 model(input_ids=tokens[i:i + batch_size].to(device), use_cache=False)
             except _Stop:
                 pass
     finally:
-        model.to(orig_device)  # before the blocks are back: they may live on the meta device (lazy loading)
+        _move(model, orig_device)  # before the blocks are back
         for i, b in enumerate(saved):
             blocks[i] = b
     if len(set(seen)) != 1 or seen[0] != len(hidden):

@@ -181,7 +181,7 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     """
     from safetensors import safe_open
 
-    ck = Checkpoint(path)
+    ck = Checkpoint(path, dtype)
     ck.skeleton()  # shapes first, on a skeleton that allocates nothing
     p, table, dtype = ck.path, ck.table, ck.dtype
     model = ck.build()

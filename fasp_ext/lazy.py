@@ -31,6 +31,12 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
               "chat_template.json")
 
 
+_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+             "F8_E5M2": getattr(torch, "float8_e5m2", None)}
+
+
 def _module_prefix(model: nn.Module, module: nn.Module) -> str:
     for name, m in model.named_modules():
         if m is module:
@@ -38,11 +44,11 @@ def _module_prefix(model: nn.Module, module: nn.Module) -> str:
     raise RuntimeError("fasp_ext: decoder blocks not found in the model")  # pragma: no cover
 
 
-def _materialise(module: nn.Module, device, recurse: bool = True) -> None:
-    """Give every meta parameter/buffer of ``module`` real (uninitialised) storage on ``device``."""
+def _materialise(module: nn.Module, device, recurse: bool = True, params: bool = True) -> None:
+    """Give every meta buffer (and parameter) of ``module`` real (uninitialised) storage on ``device``."""
     mods = module.modules() if recurse else [module]
     for m in mods:
-        for store in (m._parameters, m._buffers):
+        for store in ((m._parameters, m._buffers) if params else (m._buffers,)):
             for k, t in list(store.items()):
                 if t is not None and t.is_meta:
                     e = torch.empty_like(t, device=device)
@@ -111,12 +117,24 @@ class LazyBlocks(BlockMover):
         self.block_ids = {id(b): i for i, b in enumerate(self.blocks)}
         inside = {id(m) for b in self.blocks for m in b.modules()} | {id(self.blocks)}
         outside = [m for m in model.modules() if id(m) not in inside]
-        for m in outside:
-            _materialise(m, "cpu", recurse=False)
-        self._init_buffers(model, outside)
-        model.load_state_dict(self._read(lambda k: not k.startswith(self.prefix + ".")), strict=False)
-        model.tie_weights()
         self.model = model
+        # an untied output head is not needed to prune (calibration stops at the last block): it
+        # stays on the meta device and is copied from the checkpoint when the output is written
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.deferred = set()
+        if head is not None and not _tied_keys(model) and getattr(head, "weight", None) is not None:
+            self.deferred = {n for n, p in model.named_parameters() if p is head.weight} & set(self.ck.table)
+        # buffers first (computed by transformers' init while the parameters are still meta, so the
+        # init touches no weight), then the weights are read straight into the parameters
+        for m in outside:
+            _materialise(m, "cpu", recurse=False, params=False)
+        self._init_buffers(model, outside)
+        model.load_state_dict(self._read(lambda k: not k.startswith(self.prefix + ".") and k not in self.deferred),
+                              strict=False, assign=True)
+        model.tie_weights()
+        for m in outside:  # anything the checkpoint does not hold (tied copies are tied above)
+            if not (head is not None and m is head and self.deferred):
+                _materialise(m, "cpu", recurse=False)
         self.writer: ShardWriter | None = None
         self.materialised = 0
         self.peak_materialised = 0
@@ -134,28 +152,36 @@ class LazyBlocks(BlockMover):
             if id(m) in ids:
                 model._init_weights(m)
 
-    def _read(self, want) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for k, (f, _) in self.ck.table.items():
-            if want(k):
-                by_file.setdefault(f, []).append(k)
+    def _read(self, want, device="cpu") -> dict[str, torch.Tensor]:
+        """The checkpoint tensors whose names pass ``want``, read straight into fresh tensors (no
+        memory map: the file's pages are not added to this process's memory)."""
         out = {}
-        for f, keys in by_file.items():
-            with safe_open(str(f), framework="pt") as sf:
-                for k in keys:
-                    t = sf.get_tensor(k)
-                    out[k] = t.to(self.ck.dtype) if t.is_floating_point() else t
+        starts: dict[Path, int] = {}
+        for k, (f, t) in self.ck.table.items():
+            if not want(k):
+                continue
+            if f not in starts:
+                with open(f, "rb") as fh:
+                    starts[f] = 8 + int.from_bytes(fh.read(8), "little")
+            a, b = (int(x) for x in t["data_offsets"])
+            x = torch.empty([int(s) for s in t["shape"]], dtype=_ST_TORCH[t["dtype"]])
+            with open(f, "rb") as fh:
+                fh.seek(starts[f] + a)
+                if b > a and fh.readinto(x.view(-1).view(torch.uint8).numpy()) != b - a:
+                    raise OSError(f"--model: {f} ended early reading {k}")
+            if x.is_floating_point() and x.dtype != self.ck.dtype:
+                x = x.to(self.ck.dtype)
+            out[k] = x.to(device)
         return out
 
     def fetch(self, blocks, i, device):
         block = blocks[i]
         name = f"{self.prefix}.{i}."
-        _materialise(block, device)
+        state = {k[len(name):]: v for k, v in self._read(lambda k: k.startswith(name), device).items()}
+        # the read tensors become the parameters (assign): no second copy of the block
+        _materialise(block, device, params=False)  # buffers outside the checkpoint (none in the supported families)
         self._init_buffers(self.model, list(block.modules()))
-        state = {k[len(name):]: v for k, v in self._read(lambda k: k.startswith(name)).items()}
-        missing, unexpected = block.load_state_dict(state, strict=False)
+        missing, unexpected = block.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:  # the skeleton was checked against the table: a defect if this fires
             raise RuntimeError(f"fasp_ext: block {i} does not match the checkpoint ({missing[:3]}, {unexpected[:3]})")
         self.materialised += 1
@@ -166,6 +192,7 @@ class LazyBlocks(BlockMover):
     def release(self, blocks, i, block, final):
         if final and self.writer is not None:
             self.writer.add({f"{self.prefix}.{i}.{k}": v for k, v in block.state_dict().items()})
+            self.writer.flush()  # one shard per block: nothing waits in memory
         blocks[i] = block.to("meta")
         self.materialised -= 1
 
@@ -173,8 +200,10 @@ class LazyBlocks(BlockMover):
         """Everything outside the blocks (tied copies left out, as save_pretrained does)."""
         tied = _tied_keys(self.model)
         rest = {k: v for k, v in self.model.state_dict().items()
-                if not k.startswith(self.prefix + ".") and k not in tied}
+                if not k.startswith(self.prefix + ".") and k not in tied and k not in self.deferred}
         self.writer.add(rest)
+        self.writer.flush()
+        self.writer.add(self._read(lambda k: k in self.deferred))  # the output head, unchanged
 
 
 def prune_checkpoint(folder, out, calibration, config=None, dtype: torch.dtype | None = None,
