@@ -97,7 +97,7 @@ def _move(model: nn.Module, device) -> None:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int,
-                         device: torch.device) -> BlockInputs:
+                         device: torch.device, offload: bool = False) -> BlockInputs:
     """Run the model up to its blocks for every calibration batch, keeping what block 0 receives and
     the keyword arguments every block receives.
 
@@ -143,7 +143,16 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.
     if len(set(seen)) != 1 or seen[0] != len(hidden):
         raise RuntimeError(f"fasp_ext: the model did not run every decoder block once per batch ({seen}); "
                            "please report")
-    return BlockInputs([h.to(device) for h in hidden], per_block[0], per_block)
+    return BlockInputs([_place(h, device, offload) for h in hidden], per_block[0], per_block)
+
+
+def _place(h: torch.Tensor, device, offload: bool) -> torch.Tensor:
+    """Hidden states on the compute device, or (``offload``) in host memory, pinned when the
+    compute device is a GPU so each batch copies over asynchronously."""
+    if not offload:
+        return h.to(device)
+    h = h.to("cpu")
+    return h.pin_memory() if torch.device(device).type == "cuda" else h
 
 
 @dataclass
@@ -169,6 +178,8 @@ class Stats:
     dense: list[torch.Tensor] | None = None
     D: torch.Tensor | None = None
     batches: int = 0
+    #: where ``store`` keeps the inputs (None: where they are computed)
+    store_device: torch.device | None = None
 
     @staticmethod
     def new(m: int, device, gram: bool = True, store: bool = False, val_every: int = 0) -> "Stats":
@@ -192,8 +203,8 @@ class Stats:
         ops.accumulate_stats(x2, self.s, self.H)
         self.mu += x2.sum(0, dtype=torch.float32)
         self.n += x2.shape[0]
-        if self.store is not None:
-            self.store.append(x.detach())
+        if self.store is not None:  # the correction's inputs live where the hidden states live
+            self.store.append(x.detach().to(self.store_device) if self.store_device is not None else x.detach())
         if self.dense is not None:
             xd = self.dense[self.batches].reshape(-1, m)
             if xd.shape[0] != x2.shape[0]:
@@ -241,13 +252,14 @@ def collect(module: nn.Module, stats: Stats, stop: bool = False):
 def run_block(block: nn.Module, inputs: BlockInputs, keep_outputs: bool = True) -> list[torch.Tensor] | None:
     """Run ``block`` on every calibration batch; a hook may end a pass early (then no output)."""
     outs = []
+    dev = next(block.parameters()).device
     for h, kw in zip(inputs.hidden, inputs.kwargs):
-        try:
-            out = block_output(block(h, **kw))
+        try:  # hidden states kept in host memory come over one batch at a time, and go back
+            out = block_output(block(h.to(dev, non_blocking=True), **kw))
         except _Stop:
             out = None
         if keep_outputs and out is not None:
-            outs.append(out)
+            outs.append(out.to(h.device) if out.device != h.device else out)
     return outs if keep_outputs else None
 
 
@@ -267,3 +279,6 @@ class BlockMover:
 
     def release(self, blocks: nn.ModuleList, i: int, block: nn.Module, final: bool) -> None:
         blocks[i] = block.to(self.home)
+
+    def captured(self, model: nn.Module) -> None:
+        """Called once the block inputs are captured: nothing outside the blocks runs again."""

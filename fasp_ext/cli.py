@@ -67,6 +67,9 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--eval", nargs="*", default=None, help="texts to measure perplexity on before and after")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate at most this many windows per text")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep the calibration hidden states in host memory (pinned) and move one batch at a time "
+                        "to --device: GPU memory then holds one block and one batch")
     if not demo:
         p.add_argument("--lazy", action="store_true",
                        help="read each decoder block from the checkpoint at its turn and write it when pruned: "
@@ -88,7 +91,8 @@ def _config_from(args):
                       mlp_only=args.mlp_only, method=args.method, intercept=args.intercept, one_pass=args.one_pass,
                       mlp_multiple=args.mlp_multiple, attn_multiple=args.attn_multiple, selection=args.selection,
                       allocation=args.allocation, max_block_sparsity=args.max_block_sparsity, target=args.target,
-                      batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet)
+                      batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
+                      offload_activations=args.offload_activations)
     if args.damp is not None:
         cfg.damp = _parse_damp(args.damp)
     cfg.validate()

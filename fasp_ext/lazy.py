@@ -196,14 +196,31 @@ class LazyBlocks(BlockMover):
         blocks[i] = block.to("meta")
         self.materialised -= 1
 
+    def captured(self, model):
+        """The embeddings (everything outside the blocks) are not needed again until the output is
+        written, and pruning never changes them: free them now, copy them from the checkpoint then."""
+        inside = {id(m) for b in self.blocks for m in b.modules()}
+        for m in model.modules():
+            if id(m) in inside:
+                continue
+            for k, t in list(m._parameters.items()):
+                if t is not None and not t.is_meta:
+                    m._parameters[k] = nn.Parameter(t.to("meta"), requires_grad=False)
+        tied = _tied_keys(model)
+        self.deferred |= {k for k in self.ck.table if not k.startswith(self.prefix + ".") and k not in tied}
+
     def write_rest(self) -> None:
         """Everything outside the blocks (tied copies left out, as save_pretrained does)."""
         tied = _tied_keys(self.model)
         rest = {k: v for k, v in self.model.state_dict().items()
                 if not k.startswith(self.prefix + ".") and k not in tied and k not in self.deferred}
+        if any(v.is_meta for v in rest.values()):  # pragma: no cover - a defect
+            raise RuntimeError(f"fasp_ext: tensors lost outside the blocks: {[k for k, v in rest.items() if v.is_meta]}")
         self.writer.add(rest)
         self.writer.flush()
-        self.writer.add(self._read(lambda k: k in self.deferred))  # the output head, unchanged
+        for k in sorted(self.deferred):  # embeddings and output head, unchanged: copied one at a time
+            self.writer.add(self._read(lambda name: name == k))
+        self.writer.flush()
 
 
 def prune_checkpoint(folder, out, calibration, config=None, dtype: torch.dtype | None = None,

@@ -102,6 +102,9 @@ class PruneConfig:
     seed: int = 0
     #: keep the W2 inputs in memory to correct block outputs instead of a third pass, up to this many bytes
     store_budget_bytes: int = 2 << 30
+    #: keep the calibration hidden states (and the correction's stored inputs) in host memory, pinned
+    #: on a GPU, and bring one batch at a time to the compute device (README: "Memory")
+    offload_activations: bool = False
     #: show a progress bar
     progress: bool = True
 
@@ -428,9 +431,9 @@ def _correct_outputs(outs: list[torch.Tensor], z_batches: list[torch.Tensor], ke
     if new.bias is not None:
         db = new.bias.float() - (old.bias.float() if old.bias is not None else 0.0)
     res = []
-    for o, z in zip(outs, z_batches):
-        delta = torch.nn.functional.linear(z.float(), D, db)
-        res.append((o.float() + delta.view(o.shape)).to(o.dtype))
+    for o, z in zip(outs, z_batches):  # on the projection's device, wherever the batches are kept
+        delta = torch.nn.functional.linear(z.to(D.device).float(), D, db)
+        res.append((o.to(D.device).float() + delta.view(o.shape)).to(o.dtype).to(o.device))
     return res
 
 
@@ -495,17 +498,20 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
     blocks = adapter.blocks(model)
     biased_before = _biased_linears(model)
     with timer("capture"):
-        inputs = capture_block_inputs(model, blocks, tokens, cfg.batch_size, device)
+        inputs = capture_block_inputs(model, blocks, tokens, cfg.batch_size, device, cfg.offload_activations)
     prune_attn = cfg.attn_fraction > 0
     prune_mlp_ = cfg.mlp_fraction > 0
     keeps = [{"v_keep": None, "mlp_keep": None} for _ in blocks]
-    if cfg.allocation_kind != "uniform" and (prune_attn or prune_mlp_):
-        from .allocation import plan
-
+    allocate = cfg.allocation_kind != "uniform" and (prune_attn or prune_mlp_)
+    if allocate:
         n_alloc = int(cfg.allocation_samples) or all_tokens.shape[0]
         sub_tokens = distributed.shard(all_tokens[:n_alloc], set_offset=False)
         with timer("capture"):
-            sub = capture_block_inputs(model, blocks, sub_tokens, cfg.batch_size, device)
+            sub = capture_block_inputs(model, blocks, sub_tokens, cfg.batch_size, device, cfg.offload_activations)
+    mover.captured(model)  # from here on only the decoder blocks run
+    if allocate:
+        from .allocation import plan
+
         keeps = plan(adapter, blocks, mcfg, sub, cfg, device, timer, mover)
         del sub
     need_gram = cfg.restores
@@ -560,6 +566,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
         if prune_mlp_:
             ins, out = adapter.mlp_pair(block)
             st = Stats.new(out.in_features, device, need_gram, store=can_correct, val_every=val_every)
+            st.store_device = inputs.hidden[0].device
             st.dense = x_dense["mlp"]
             h = collect(out, st)
             with timer("forward_mlp_stats"):

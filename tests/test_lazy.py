@@ -93,3 +93,16 @@ def test_cli_lazy_prunes_reloads_and_refuses_eval(tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--out", str(tmp_path / "x"), "--lazy", "--eval", str(tmp_path / "c.txt")]) == 2
     assert "--lazy" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_offloaded_activations_give_the_same_model(device):
+    toks = random_tokens(4, 24)
+    a, b = tiny_llama(), tiny_llama()
+    prune(a, toks, PruneConfig(sparsity=0.25, progress=False, device=device))
+    prune(b, toks, PruneConfig(sparsity=0.25, progress=False, device=device, offload_activations=True))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], rtol=1e-6, atol=1e-7), k
