@@ -479,6 +479,29 @@ def test_restore_rejects_non_finite_W(impl, where, bad, wdtype):
         impl.restore(W, H.float(), torch.arange(12), 0.01)
 
 
+@needs_lib
+@pytest.mark.parametrize("out", [3, 40])
+@pytest.mark.parametrize("use_fp64", [False, True])
+def test_restore_aten_fallback_equals_lapack_path(monkeypatch, out, use_fp64):
+    # FASP_EXT_RESTORE_ATEN makes the kernel use ATen's cholesky / cholesky_solve instead of the
+    # LAPACK symbols (what happens with a torch that exports none): same results, same report
+    X, W, H = problem(n_tok=300, m=40, out=out, seed=146)
+    kept = kept_of(40, 28, seed=147)
+    ct = torch.float64 if use_fp64 else torch.float32
+    for damp, retries in ((0.01, 4), (0.0, 4), (0.0, 0)):
+        Hd = H.clone()
+        Hd[:, 5] = Hd[5, :] = 0  # a dead kept channel: damp 0 needs a retry (or the eigen fallback)
+        lapack = torch.ops.fasp_ext.restore(W.to(ct), Hd.to(ct), kept, damp, use_fp64, retries)
+        monkeypatch.setenv("FASP_EXT_RESTORE_ATEN", "1")
+        aten = torch.ops.fasp_ext.restore(W.to(ct), Hd.to(ct), kept, damp, use_fp64, retries)
+        monkeypatch.delenv("FASP_EXT_RESTORE_ATEN")
+        want, rep = ref.restore(W.to(ct), Hd.to(ct), kept, damp, use_fp64, retries)
+        assert torch.equal(lapack[1][[0, 2]], rep[[0, 2]]) and torch.equal(aten[1][[0, 2]], rep[[0, 2]])
+        tol = dict(rtol=1e-9, atol=1e-9) if use_fp64 else dict(rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(aten[0], want, **tol)
+        torch.testing.assert_close(lapack[0], want, **tol)
+
+
 def test_restore_H_non_finite_outside_the_solved_blocks(impl):
     # H[R, R] is never used by the solve, but a NaN there still means broken statistics
     X, W, H = problem(n_tok=100, m=12, out=4, seed=143)

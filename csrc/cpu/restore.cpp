@@ -18,6 +18,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -26,7 +27,8 @@
 #include "../fasp_math.h"
 
 // LAPACK (LP64) as exported by libtorch_cpu (MKL or OpenBLAS inside the official wheels). Weak, so a
-// torch without them still loads the library: the kernel then uses ATen's cholesky / cholesky_solve.
+// torch without them still loads the library: the kernel then uses ATen's cholesky / cholesky_solve
+// (also when the environment variable FASP_EXT_RESTORE_ATEN is set, which lets the tests cover it).
 extern "C" {
 void spotrf_(const char* uplo, const int* n, float* a, const int* lda, int* info) __attribute__((weak));
 void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info) __attribute__((weak));
@@ -184,12 +186,15 @@ bool all_finite(const at::Tensor& t) {
 
 // In-place Cholesky of the contiguous (k x k) A: the row-major lower triangle (what
 // torch.linalg.cholesky reads) is LAPACK's column-major upper one. Returns LAPACK's info.
+bool use_lapack() { return std::getenv("FASP_EXT_RESTORE_ATEN") == nullptr; }
+
 template <typename TC>
 int potrf_inplace(at::Tensor& A) {
   const int n = static_cast<int>(A.size(0));
   int info = 0;
   const char uplo = 'U';
-  if constexpr (std::is_same_v<TC, float>) {
+  if (!use_lapack()) {
+  } else if constexpr (std::is_same_v<TC, float>) {
     if (spotrf_) {
       spotrf_(&uplo, &n, A.data_ptr<float>(), &n, &info);
       return info;
@@ -213,7 +218,8 @@ void potrs_inplace(const at::Tensor& A, at::Tensor& X) {
   if (nrhs == 0) return;
   int info = 0;
   const char uplo = 'U';
-  if constexpr (std::is_same_v<TC, float>) {
+  if (!use_lapack()) {
+  } else if constexpr (std::is_same_v<TC, float>) {
     if (spotrs_) {
       spotrs_(&uplo, &n, &nrhs, A.const_data_ptr<float>(), &n, X.data_ptr<float>(), &n, &info);
       TORCH_CHECK(info == 0, "restore: LAPACK potrs reported invalid argument ", -info);
