@@ -1,13 +1,21 @@
-"""Per-op timings of the compiled fasp_ext kernels against fasp_ext/reference.py and baselines.
+"""Per-op timings of the compiled fasp_ext kernels against fasp_ext/reference.py and plain-torch baselines.
 
-    python bench/bench_ops.py [--device cpu|cuda] [--sizes opt125m,llama7b] [--repeats 3]
+    python bench/bench_ops.py [--device cpu|cuda] [--sizes smollm2,opt125m,llama7b] [--threads 1,2] [--repeats 5]
 
-Sizes (the W2 of an MLP: out x m, tokens per calibration batch):
-  opt125m : m = 3072,  out = 768,  2048 tokens
-  llama7b : m = 11008, out = 4096, 2048 tokens (restore with k = 80 % of m)
-Baselines: statistics vs the bare GEMM it contains (H.addmm_(X^T, X)); restoration vs
-torch.linalg.lstsq on the calibration tokens (the least-squares problem restore solves through H)
-and vs a plain Cholesky solve of the undamped-form normal equations (cholesky + cholesky_solve).
+Sizes (the W2 of an MLP: out x m, 20 % of the columns removed, tokens per calibration batch):
+  smollm2 : m = 1536,  out = 576,  k = 1228, 2048 tokens   (SmolLM2-135M down_proj)
+  opt125m : m = 3072,  out = 768,  k = 2458, 2048 tokens   (OPT-125M fc2)
+  llama7b : m = 11008, out = 4096, k = 8806, 2048 tokens   (LLaMA-7B down_proj)
+Every case runs the op and its baselines interleaved in the same process (op, baseline, op, ...),
+``--repeats`` times, and reports the median and the spread (min-max) of each; on CPU once per
+torch thread count in ``--threads``. Baselines:
+  accumulate_stats: the bare GEMM it contains (H.addmm_(X^T, X)) and the reference;
+  score_select: the reference;
+  restore: the plain-torch pipelines giving the same W' (gather, damping, torch.linalg.cholesky,
+    torch.cholesky_solve): "torch out-RHS" solves with the out rows of W[:, R] H[R, S] as
+    right-hand sides (the textbook form), "torch R-RHS" with the |R| columns of H[S, R] (the form
+    the op uses, written in torch); plus the reference (fasp_ext/reference.py) and, at the small
+    size, torch.linalg.lstsq on the calibration tokens.
 Writes bench/results/ops_<device>.json and .md.
 """
 
@@ -17,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -31,8 +40,9 @@ import fasp_ext  # noqa: E402
 from fasp_ext import reference as ref  # noqa: E402
 
 SIZES = {
-    "opt125m": dict(m=3072, out=768, tokens=2048, batches=2, kfrac=0.8),
-    "llama7b": dict(m=11008, out=4096, tokens=2048, batches=4, kfrac=0.8),
+    "smollm2": dict(m=1536, out=576, k=1228, tokens=2048, batches=2),
+    "opt125m": dict(m=3072, out=768, k=2458, tokens=2048, batches=2),
+    "llama7b": dict(m=11008, out=4096, k=8806, tokens=2048, batches=4),
 }
 
 
@@ -41,25 +51,33 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timeit(fn, device, repeats, warmup=1, min_sample_s=0.25):
-    """Median ms per call. Fast calls are looped inside each sample (some clocks tick in ms)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - t
-    inner = 1 if first >= min_sample_s else min(1000, int(min_sample_s / max(first, 1e-4)) + 1)
-    times = [first] if inner == 1 else []
-    while len(times) < repeats:
-        t = time.perf_counter()
-        for _ in range(inner):
+def interleaved(fns: dict, device, repeats, warmup=1, min_sample_s=0.05):
+    """{name: [ms per call, one per repeat]}, the functions run interleaved (a, b, c, a, b, c, ...).
+    Calls faster than min_sample_s are looped inside each sample."""
+    inner = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
             fn()
         sync(device)
-        times.append((time.perf_counter() - t) / inner)
-    times.sort()
-    return times[len(times) // 2] * 1e3
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        first = time.perf_counter() - t
+        inner[name] = 1 if first >= min_sample_s else min(1000, int(min_sample_s / max(first, 1e-5)) + 1)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t) / inner[name] * 1e3)
+    return times
+
+
+def stat(v):
+    return {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "n": len(v)}
 
 
 def machine_info(device):
@@ -80,7 +98,6 @@ def machine_info(device):
     info = {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "git_commit": commit,
@@ -95,23 +112,23 @@ def machine_info(device):
     return info
 
 
-def bench_size(name, cfg, device, repeats, ops):
+def bench_size(name, cfg, device, repeats, ops, threads):
     g = torch.Generator(device="cpu").manual_seed(0)
-    m, out, T = cfg["m"], cfg["out"], cfg["tokens"]
+    m, out, T, k = cfg["m"], cfg["out"], cfg["tokens"], cfg["k"]
     big = m > 8000
     rows = []
 
-    def row(op, what, ms_c, ms_r, base_name=None, ms_b=None):
-        r = {"size": name, "op": op, "case": what, "compiled_ms": ms_c, "reference_ms": ms_r,
-             "speedup_vs_reference": ms_r / ms_c if ms_c else None}
-        if base_name:
-            r["baseline"] = base_name
-            r["baseline_ms"] = ms_b
-            r["compiled_over_baseline"] = ms_c / ms_b
+    def case(op, what, fns, reps=repeats, warmup=1):
+        times = interleaved(fns, device, reps, warmup)
+        r = {"size": name, "threads": threads, "op": op, "case": what,
+             "times": {n: stat(v) for n, v in times.items()}}
+        first = next(iter(fns))
+        med = r["times"][first]["median_ms"]
+        r["ratios"] = {n: r["times"][n]["median_ms"] / med for n in fns if n != first}
         rows.append(r)
-        print(f"  {op:17s} {what:28s} compiled {ms_c:9.1f} ms  reference {ms_r:9.1f} ms  "
-              f"x{ms_r / ms_c:5.2f}" + (f"   {base_name} {ms_b:9.1f} ms ({ms_c / ms_b:4.2f}x)" if base_name else ""),
-              flush=True)
+        parts = [f"{n} {st['median_ms']:.1f} [{st['min_ms']:.1f}-{st['max_ms']:.1f}]" for n, st in r["times"].items()]
+        print(f"  t={threads} {op:16s} {what:30s} " + "; ".join(parts)
+              + "  | " + ", ".join(f"{n}/{first} {x:.2f}" for n, x in r["ratios"].items()), flush=True)
 
     # ---- statistics: one batch of T tokens, fp32 and bf16 activations
     X32 = torch.randn(T, m, generator=g).to(device)
@@ -119,56 +136,62 @@ def bench_size(name, cfg, device, repeats, ops):
     H = torch.zeros(m, m, device=device)
     for dt in (torch.float32, torch.bfloat16):
         X = X32.to(dt)
-        rep = repeats if not big else max(1, repeats - 1)
-        ms_c = timeit(lambda: ops.accumulate_stats(X, s, H), device, rep)
-        ms_r = timeit(lambda: ref.accumulate_stats(X, s, H), device, rep)
-        ms_b = timeit(lambda: H.addmm_(X32.t(), X32), device, rep)
-        row("accumulate_stats", f"X {T}x{m} {str(dt)[6:]} +H", ms_c, ms_r, "addmm fp32", ms_b)
-        ms_c = timeit(lambda: ops.accumulate_stats(X, s, None), device, repeats)
-        ms_r = timeit(lambda: ref.accumulate_stats(X, s, None), device, repeats)
-        row("accumulate_stats", f"X {T}x{m} {str(dt)[6:]} s only", ms_c, ms_r)
+        case("accumulate_stats", f"X {T}x{m} {str(dt)[6:]} +H",
+             {"op": lambda: ops.accumulate_stats(X, s, H), "addmm fp32": lambda: H.addmm_(X32.t(), X32),
+              "reference": lambda: ref.accumulate_stats(X, s, H)}, reps=max(3, repeats - 2) if big else repeats)
+        case("accumulate_stats", f"X {T}x{m} {str(dt)[6:]} s only",
+             {"op": lambda: ops.accumulate_stats(X, s, None), "reference": lambda: ref.accumulate_stats(X, s, None)})
 
-    # calibration H over a few batches (rank min(tokens, m): damped below)
+    # calibration H over a few batches
     Xcal = torch.randn(cfg["batches"] * T, m, generator=g).to(device)
     Xcal = Xcal * (0.5 + torch.rand(m, generator=g).to(device))
     H = torch.zeros(m, m, device=device)
     s = torch.zeros(m, device=device)
     ops.accumulate_stats(Xcal, s, H)
     W = (torch.randn(out, m, generator=g) * 0.02).to(device)
-    k = int(round(cfg["kfrac"] * m))
 
     # ---- scoring + selection
     for dt in (torch.float32, torch.bfloat16):
         Wd = W.to(dt)
-        ms_c = timeit(lambda: ops.score_select(Wd, s, k, None, 1), device, repeats)
-        ms_r = timeit(lambda: ref.score_select(Wd, s, k), device, repeats)
-        row("score_select", f"W {out}x{m} {str(dt)[6:]} k={k}", ms_c, ms_r)
+        case("score_select", f"W {out}x{m} {str(dt)[6:]} k={k}",
+             {"op": lambda: ops.score_select(Wd, s, k, None, 1), "reference": lambda: ref.score_select(Wd, s, k)})
     kept = ops.score_select(W, s, k, None, 1)
+    mask = torch.ones(m, dtype=torch.bool, device=device)
+    mask[kept] = False
+    removed = torch.nonzero(mask).flatten()
 
-    # ---- restoration (damp 0.01), vs lstsq on the tokens and vs a plain Cholesky solve
-    rep = 1 if big else repeats
-    warm = 0 if big else 1
-    ms_c = timeit(lambda: ops.restore(W, H, kept, 0.01, False, 4), device, rep, warm)
-    ms_r = timeit(lambda: ref.restore(W, H, kept, 0.01), device, rep, warm)
+    # ---- restoration (damp 0.01): the op against plain-torch pipelines giving the same W'
+    def torch_out_rhs():
+        Hk = H[:, kept]
+        Hss = Hk[kept]
+        Hss.diagonal().add_(0.01 * float(Hss.diagonal().mean()))
+        L = torch.linalg.cholesky(Hss)
+        B = W[:, removed] @ Hk[removed]  # (out, k)
+        return W[:, kept] + torch.cholesky_solve(B.t(), L).t()
 
-    def plain_cholesky():
-        Hss = H[kept][:, kept]
-        lam = 0.01 * float(Hss.diagonal().mean())
-        L = torch.linalg.cholesky(Hss + lam * torch.eye(k, device=device))
-        return torch.cholesky_solve((W @ H[:, kept]).t(), L).t()
+    def torch_r_rhs():
+        Hk = H[:, kept]
+        Hss = Hk[kept]
+        Hss.diagonal().add_(0.01 * float(Hss.diagonal().mean()))
+        L = torch.linalg.cholesky(Hss)
+        Y = torch.cholesky_solve(Hk[removed].t(), L)  # (k, |R|)
+        return torch.addmm(W[:, kept], W[:, removed], Y.t())
 
-    ms_chol = timeit(plain_cholesky, device, rep, warm)
-    row("restore", f"W {out}x{m} k={k} fp32", ms_c, ms_r, "cholesky_solve", ms_chol)
-
-    def lstsq():
-        Xs = Xcal[:, kept]
-        return torch.linalg.lstsq(Xs, Xcal @ W.t()).solution
-
-    ms_lstsq = timeit(lstsq, device, 1, 0)
-    rows[-1]["baseline2"] = f"lstsq on {Xcal.shape[0]} tokens"
-    rows[-1]["baseline2_ms"] = ms_lstsq
-    rows[-1]["compiled_over_baseline2"] = ms_c / ms_lstsq
-    print(f"  {'':17s} {'':28s} lstsq ({Xcal.shape[0]} tokens) {ms_lstsq:9.1f} ms ({ms_c / ms_lstsq:4.2f}x)")
+    got = ops.restore(W, H, kept, 0.01, False, 4)[0]
+    for fn in (torch_out_rhs, torch_r_rhs):
+        want = fn()
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < 1e-3, f"baseline {fn.__name__} disagrees with the op: {err}"
+    fns = {"op": lambda: ops.restore(W, H, kept, 0.01, False, 4)}
+    if not big:
+        fns["wrapper"] = lambda: fasp_ext.restore(W, H, kept, 0.01)
+    fns["torch out-RHS"] = torch_out_rhs
+    fns["torch R-RHS"] = torch_r_rhs
+    fns["reference"] = lambda: ref.restore(W, H, kept, 0.01)
+    if not big:
+        fns["lstsq"] = lambda: torch.linalg.lstsq(Xcal[:, kept], Xcal @ W.t()).solution
+    case("restore", f"W {out}x{m} k={k} fp32", fns, reps=max(3, repeats - 2) if big else repeats,
+         warmup=0 if big else 1)
     return rows
 
 
@@ -176,36 +199,37 @@ def to_markdown(info, rows):
     lines = [
         f"# fasp_ext op benchmark ({info['device']})",
         "",
-        f"- CPU: {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads)"
-        + (f"; GPU: {info['gpu']}" if "gpu" in info else ""),
+        f"- CPU: {info['cpu']} ({info['cores']} cores)" + (f"; GPU: {info['gpu']}" if "gpu" in info else ""),
         f"- torch {info['torch']}, python {info['python']}, git {info['git_commit'][:12]}"
         + (" (sources modified)" if info.get("git_dirty_sources") else ""),
-        f"- load average at start: {info.get('load_average_at_start') or 0:.1f} (other work on the machine skews timings)",
-        f"- {info['date']}; times are medians in ms; speedup = reference / compiled;"
-        " 'compiled / baseline' < 1 means the op is faster than the baseline",
+        f"- load average (1 min) at start {info.get('load_average_at_start') or 0:.1f}, at end "
+        f"{info.get('load_average_at_end') or 0:.1f} (on a shared machine other work skews timings)",
+        f"- {info['date']}; command: `{info['command']}`",
+        "- every case ran its functions interleaved in one process; times are the median [min-max] in ms "
+        "over the repeats; 'x / op' is the median of x divided by the op's (> 1: the op is faster)",
         "",
-        "| size | op | case | compiled ms | reference ms | speedup | baseline | baseline ms | compiled / baseline |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| size | threads | op | case | op ms | baseline | baseline ms | baseline / op |",
+        "| --- | ---: | --- | --- | ---: | --- | ---: | ---: |",
     ]
     for r in rows:
-        b = r.get("baseline", "")
-        bm = f"{r['baseline_ms']:.1f}" if "baseline_ms" in r else ""
-        br = f"{r['compiled_over_baseline']:.2f}" if "compiled_over_baseline" in r else ""
-        lines.append(
-            f"| {r['size']} | {r['op']} | {r['case']} | {r['compiled_ms']:.1f} | {r['reference_ms']:.1f} | "
-            f"{r['speedup_vs_reference']:.2f} | {b} | {bm} | {br} |"
-        )
-        if "baseline2" in r:
-            lines.append(f"| {r['size']} | {r['op']} | (same) | {r['compiled_ms']:.1f} | | | {r['baseline2']} | "
-                         f"{r['baseline2_ms']:.1f} | {r['compiled_over_baseline2']:.2f} |")
+        names = list(r["times"])
+        o = r["times"][names[0]]
+        first = True
+        for n in names[1:]:
+            b = r["times"][n]
+            opcell = f"{o['median_ms']:.1f} [{o['min_ms']:.1f}-{o['max_ms']:.1f}]" if first else "(same)"
+            lines.append(f"| {r['size']} | {r['threads']} | {r['op']} | {r['case']} | {opcell} | {n} | "
+                         f"{b['median_ms']:.1f} [{b['min_ms']:.1f}-{b['max_ms']:.1f}] | {r['ratios'][n]:.2f} |")
+            first = False
     return "\n".join(lines) + "\n"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sizes", default="opt125m,llama7b")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sizes", default="smollm2,opt125m,llama7b")
+    ap.add_argument("--threads", default="1,2", help="torch CPU thread counts (CPU only)")
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -213,11 +237,16 @@ def main():
     if ops is None:
         sys.exit(f"no compiled fasp_ext kernels for {device}: {fasp_ext.build_info()}")
     info = machine_info(device)
+    info["command"] = "python bench/bench_ops.py " + " ".join(sys.argv[1:])
     print(json.dumps({k: v for k, v in info.items() if k != "build_info"}))
+    threads = [int(t) for t in args.threads.split(",")] if device.type == "cpu" else [torch.get_num_threads()]
     rows = []
     for name in args.sizes.split(","):
-        print(f"== {name}: {SIZES[name]}", flush=True)
-        rows += bench_size(name, SIZES[name], device, args.repeats, ops)
+        for t in threads:
+            torch.set_num_threads(t)
+            print(f"== {name} threads={t}: {SIZES[name]}", flush=True)
+            rows += bench_size(name, SIZES[name], device, args.repeats, ops, t)
+    info["load_average_at_end"] = os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"ops_{device.type}"

@@ -36,6 +36,7 @@ FASP_HD double next_lambda(double lam, double mean_diag) {
 constexpr int kPathCholesky = 0;
 constexpr int kPathCholeskyRetry = 1;
 constexpr int kPathEigen = 2;
-constexpr int kPathTrivial = 3;
+constexpr int kPathTrivial = 3;   // nothing to solve: k == 0 or nothing removed
+constexpr int kPathSkipped = 4;   // mean(diag H[S, S]) <= 0: no signal on the kept columns, W[:, S] returned
 
 }  // namespace fasp_ext

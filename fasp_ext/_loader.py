@@ -21,7 +21,9 @@ except Exception as e:  # pragma: no cover - depends on the build
 
 if _LOADED:
     try:  # fake kernels for torch.compile; a failure here must not hide the compiled ops
-        from . import _fake  # noqa: F401
+        from . import _fake
+
+        _fake.register("fasp_ext")
     except Exception as e:  # pragma: no cover
         _ERROR = f"fake kernels not registered: {type(e).__name__}: {e}"
     for _dev in ("cpu", "cuda"):

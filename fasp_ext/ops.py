@@ -1,32 +1,85 @@
 """Typed wrappers over the compiled ``torch.ops.fasp_ext`` ops, with the plain-torch fallback.
 
-Every function here validates its arguments with a clear message naming the argument, then calls
-the compiled kernel for the tensor's device when the extension was built with one, and the
-reference implementation (``fasp_ext.reference``) otherwise.
+Every function here checks what needs no data (shapes, dtypes, devices, scalars) with a clear
+message naming the argument, then calls the compiled kernel for the tensor's device when the
+extension was built with one; the kernel checks the values (index ranges, NaN/Inf) in the same pass
+that reads them. Without a compiled kernel the reference implementation (``fasp_ext.reference``)
+runs, wrapped as the custom ops ``torch.ops.fasp_ext_ref.*``. Either way a wrapper is one opaque op
+call, so it traces under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from . import _fake
 from . import reference as ref
 from ._loader import compiled_ops_for
 
+# --------------------------------------------------------------------------- fallback custom ops
+_REF_LIB = torch.library.Library("fasp_ext_ref", "DEF")  # noqa: F841 - kept alive for the module's life
+_REF_LIB.define("accumulate_stats(Tensor X, Tensor(a!) s, Tensor(b!)? H) -> ()")
+_REF_LIB.define("score_select(Tensor W, Tensor s, int k, Tensor? groups, int segments) -> Tensor")
+_REF_LIB.define(
+    "restore(Tensor W, Tensor H, Tensor kept, float damp, bool use_fp64, int max_retries) -> (Tensor, Tensor)")
+_REF_LIB.impl("accumulate_stats", ref.accumulate_stats, "CompositeExplicitAutograd")
+_REF_LIB.impl("score_select", ref.score_select, "CompositeExplicitAutograd")
+_REF_LIB.impl("restore", ref.restore, "CompositeExplicitAutograd")
+_fake.register("fasp_ext_ref")
+_REF_OPS = torch.ops.fasp_ext_ref
 
-@dataclass(frozen=True)
+
+def _ops_for(device: torch.device, op: str):
+    ops = compiled_ops_for(device, op)
+    return _REF_OPS if ops is None else ops
+
+
 class RestoreReport:
-    """What the restoration solve did: ``path`` is one of cholesky, cholesky+damping, eigen, trivial."""
+    """What the restoration solve did.
 
-    path: str
-    lam: float
-    attempts: int
+    ``path``: ``cholesky``, ``cholesky+damping`` (lambda raised), ``eigen`` (fallback), ``trivial``
+    (nothing to solve: no kept or no removed column) or ``skipped: H not positive`` (mean diagonal of
+    H[S, S] <= 0, i.e. no calibration signal; W[:, S] returned unchanged). ``lam``: the damping
+    used; ``attempts``: factorisations tried. Built from the op's report tensor (``tensor``) and read
+    lazily, so the wrapper involves no host synchronisation and traces under torch.compile.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
 
     @staticmethod
     def from_tensor(t: torch.Tensor) -> "RestoreReport":
-        v = t.detach().to("cpu", torch.float64).tolist()
-        return RestoreReport(ref.PATH_NAMES[int(v[0])], float(v[1]), int(v[2]))
+        return RestoreReport(t)
+
+    def _values(self):
+        return self.tensor.detach().to("cpu", torch.float64).tolist()
+
+    @property
+    def path(self) -> str:
+        return ref.PATH_NAMES[int(self._values()[0])]
+
+    @property
+    def lam(self) -> float:
+        return float(self._values()[1])
+
+    @property
+    def attempts(self) -> int:
+        return int(self._values()[2])
+
+    @property
+    def skipped(self) -> bool:
+        """True when the solve was skipped because H is not positive on the kept columns."""
+        return int(self._values()[0]) == ref.PATH_SKIPPED
+
+    def __eq__(self, other):
+        if not isinstance(other, RestoreReport):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __repr__(self) -> str:
+        return f"RestoreReport(path={self.path!r}, lam={self.lam!r}, attempts={self.attempts})"
 
 
 def accumulate_stats(X: torch.Tensor, s: torch.Tensor, H: torch.Tensor | None = None) -> None:
@@ -35,10 +88,7 @@ def accumulate_stats(X: torch.Tensor, s: torch.Tensor, H: torch.Tensor | None = 
     X: (..., m) float32/float16/bfloat16. s: (m,) float32. H: (m, m) float32 or None.
     """
     ref.check_stats_args(X, s, H)
-    ops = compiled_ops_for(X.device, "accumulate_stats")
-    if ops is None:
-        return ref.accumulate_stats(X, s, H)
-    ops.accumulate_stats(X, s, H)
+    _ops_for(X.device, "accumulate_stats").accumulate_stats(X, s, H)
 
 
 def score_select(
@@ -55,11 +105,8 @@ def score_select(
     splits the G units into that many contiguous equal segments and keeps k/segments in each.
     Ties go to the lower index.
     """
-    ref.check_score_args(W, s, k, groups, segments)
-    ops = compiled_ops_for(W.device, "score_select")
-    if ops is None:
-        return ref.score_select(W, s, k, groups, segments)
-    return ops.score_select(W, s, k, groups, segments)
+    ref.check_score_meta(W, s, k, groups, segments)
+    return _ops_for(W.device, "score_select").score_select(W, s, k, groups, segments)
 
 
 def restore(
@@ -74,11 +121,8 @@ def restore(
 
     Returns ``W' = W[:, S] + W[:, ~S] H[~S, S] (H[S, S] + lam I)^-1`` with
     ``lam = damp * mean(diag H[S, S])`` in W's dtype, and a :class:`RestoreReport`.
+    NaN/Inf in W or H, and kept indices out of range or not strictly increasing, raise ValueError.
     """
-    ref.check_restore_args(W, H, kept, damp, max_retries)
-    ops = compiled_ops_for(W.device, "restore")
-    if ops is None:
-        out, rep = ref.restore(W, H, kept, damp, use_fp64, max_retries)
-    else:
-        out, rep = ops.restore(W, H, kept, float(damp), bool(use_fp64), int(max_retries))
-    return out, RestoreReport.from_tensor(rep)
+    ref.check_restore_meta(W, H, kept, damp, max_retries)
+    out, rep = _ops_for(W.device, "restore").restore(W, H, kept, float(damp), bool(use_fp64), int(max_retries))
+    return out, RestoreReport(rep)

@@ -13,7 +13,14 @@ restore(W, H, kept, damp, use_fp64=False, max_retries=4) -> (W', report)
 
 The restoration report is a float64 CPU tensor ``[path, lambda, attempts]`` with
 path 0 = Cholesky at the requested lambda, 1 = Cholesky after raising lambda,
-2 = eigen-decomposition fallback, 3 = nothing to solve (k == 0, k == m, or H[S, S] == 0).
+2 = eigen-decomposition fallback, 3 = nothing to solve (k == 0 or nothing removed),
+4 = skipped because H is not positive on the kept columns (mean(diag H[S, S]) <= 0, e.g. H == 0:
+no calibration signal), W[:, S] returned unchanged and lambda reported as 0.
+W or H holding NaN/Inf is an error (ValueError naming the tensor).
+
+The restoration solves with min(|R|, out) right-hand sides (R = removed columns):
+|R| <= out: Q = H[R, S] A^-1, W' = W[:, S] + W[:, R] Q; else B = W[:, R] H[R, S], W' = W[:, S] + B A^-1,
+with A = H[S, S] + lambda I factored by Cholesky (its lower triangle is read).
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ PATH_CHOLESKY = 0
 PATH_CHOLESKY_RETRY = 1
 PATH_EIGEN = 2
 PATH_TRIVIAL = 3
+PATH_SKIPPED = 4
 PATH_NAMES = {
     PATH_CHOLESKY: "cholesky",
     PATH_CHOLESKY_RETRY: "cholesky+damping",
     PATH_EIGEN: "eigen",
     PATH_TRIVIAL: "trivial",
+    PATH_SKIPPED: "skipped: H not positive",
 }
 
 _FLOAT_ACTS = (torch.float32, torch.float16, torch.bfloat16)
@@ -61,8 +70,8 @@ def check_stats_args(X: torch.Tensor, s: torch.Tensor, H: torch.Tensor | None) -
     return m
 
 
-def check_score_args(W, s, k, groups, segments) -> tuple[int, int]:
-    """Return (number of groups G, kept per segment)."""
+def check_score_meta(W, s, k, groups, segments) -> tuple[int, int]:
+    """The checks that need no data; return (number of groups G, kept per segment)."""
     if W.dim() != 2:
         _fail(f"score_select: W must be 2-D (out, m), got {W.dim()}-D")
     if W.dtype not in _FLOAT_ACTS:
@@ -80,8 +89,6 @@ def check_score_args(W, s, k, groups, segments) -> tuple[int, int]:
         if groups.device != W.device:
             _fail(f"score_select: groups is on {groups.device} but W is on {W.device}")
         G = groups.shape[0]
-        if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= m):
-            _fail(f"score_select: groups entries must lie in [0, {m})")
     if segments < 1 or G % segments != 0:
         _fail(f"score_select: segments={segments} must be >= 1 and divide the number of groups {G}")
     if k < 0 or k > G:
@@ -91,7 +98,17 @@ def check_score_args(W, s, k, groups, segments) -> tuple[int, int]:
     return G, k // segments
 
 
-def check_restore_args(W, H, kept, damp, max_retries) -> int:
+def check_score_args(W, s, k, groups, segments) -> tuple[int, int]:
+    """All checks, the data-dependent group range included; return (G, kept per segment)."""
+    G, per = check_score_meta(W, s, k, groups, segments)
+    m = W.shape[1]
+    if groups is not None and groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= m):
+        _fail(f"score_select: groups entries must lie in [0, {m})")
+    return G, per
+
+
+def check_restore_meta(W, H, kept, damp, max_retries) -> int:
+    """The checks that need no data (shapes, dtypes, devices, scalars); traceable by torch.compile."""
     if W.dim() != 2:
         _fail(f"restore: W must be 2-D (out, m), got {W.dim()}-D")
     if W.dtype not in _FLOAT_ACTS + (torch.float64,):
@@ -112,11 +129,19 @@ def check_restore_args(W, H, kept, damp, max_retries) -> int:
         _fail(f"restore: damp must be a finite number >= 0, got {damp}")
     if max_retries < 0:
         _fail(f"restore: max_retries must be >= 0, got {max_retries}")
+    return m
+
+
+def check_restore_args(W, H, kept, damp, max_retries) -> int:
+    """All argument checks, the data-dependent ones included (index range, order, NaN/Inf)."""
+    m = check_restore_meta(W, H, kept, damp, max_retries)
     if kept.numel():
         if int(kept.min()) < 0 or int(kept.max()) >= m:
             _fail(f"restore: kept indices must lie in [0, {m})")
         if kept.numel() > 1 and not bool((kept[1:] > kept[:-1]).all()):
             _fail("restore: kept must be strictly increasing (sorted, no duplicates)")
+    if not bool(torch.isfinite(W).all()):
+        _fail("restore: W contains NaN or Inf")
     if not bool(torch.isfinite(H).all()):
         _fail("restore: H contains NaN or Inf")
     return m
@@ -168,36 +193,50 @@ def score_select(W, s, k: int, groups=None, segments: int = 1) -> torch.Tensor:
 
 
 def restore(W, H, kept, damp: float, use_fp64: bool = False, max_retries: int = 4):
-    """W' = W[:, S] + W[:, ~S] H[~S, S] (H[S, S] + lambda I)^-1, lambda = damp * mean(diag H[S, S])."""
+    """W' = W[:, S] + W[:, R] H[R, S] (H[S, S] + lambda I)^-1, lambda = damp * mean(diag H[S, S]).
+
+    Solved with min(|R|, out) right-hand sides (see the module docstring); same contract and
+    report as the compiled kernels."""
     m = check_restore_args(W, H, kept, damp, max_retries)
     ct = torch.float64 if use_fp64 else torch.float32
     k = kept.numel()
     mask = torch.ones(m, dtype=torch.bool, device=W.device)
     mask[kept] = False
     removed = torch.nonzero(mask).flatten()
+    r = removed.numel()
     Wc = W.to(ct)
     Wk = Wc[:, kept]
-    Hss = H.to(ct)[kept][:, kept]
+    Hc = H.to(ct)
+    Hss = Hc[kept][:, kept]
     mean_diag = float(Hss.diagonal().mean()) if k else 0.0
     lam = damp * mean_diag
     report = lambda path, l, a: torch.tensor([path, l, a], dtype=torch.float64)  # noqa: E731
-    if k == 0 or removed.numel() == 0 or mean_diag <= 0.0:
+    if k == 0 or r == 0:
         return Wk.to(W.dtype).contiguous(), report(PATH_TRIVIAL, lam, 0)
-    B = Wc[:, removed] @ H.to(ct)[removed][:, kept]  # (out, k)
+    if not mean_diag > 0.0:
+        return Wk.to(W.dtype).contiguous(), report(PATH_SKIPPED, 0.0, 0)
+    Wr = Wc[:, removed]
+    Hrs = Hc[removed][:, kept]  # H[R, S]; H is not assumed symmetric
+    rhs_removed = r <= W.shape[0]
+    rhs = Hrs if rhs_removed else Wr @ Hrs  # (|R| or out) x k, solved against A from the right
+
+    def finish(X):
+        return (Wk + Wr @ X) if rhs_removed else (Wk + X)
+
     eye = torch.eye(k, dtype=ct, device=W.device)
     attempts = 0
     for attempt in range(max_retries + 1):
         attempts += 1
         L, info = torch.linalg.cholesky_ex(Hss + lam * eye)
         if int(info) == 0:
-            corr = torch.cholesky_solve(B.t(), L).t()
-            if bool(torch.isfinite(corr).all()):
+            X = torch.cholesky_solve(rhs.t(), L).t()
+            if bool(torch.isfinite(X).all()):
                 path = PATH_CHOLESKY if attempt == 0 else PATH_CHOLESKY_RETRY
-                return (Wk + corr).to(W.dtype).contiguous(), report(path, lam, attempts)
+                return finish(X).to(W.dtype).contiguous(), report(path, lam, attempts)
         lam = lam * 10.0 if lam > 0 else 1e-6 * mean_diag
     # eigen fallback: pseudo-inverse with eigenvalues below a relative floor dropped
     evals, evecs = torch.linalg.eigh(Hss + lam * eye)
     floor = evals.abs().max() * k * torch.finfo(ct).eps
     inv = torch.where(evals > floor, 1.0 / evals.clamp_min(floor), torch.zeros_like(evals))
-    corr = ((B @ evecs) * inv) @ evecs.t()
-    return (Wk + corr).to(W.dtype).contiguous(), report(PATH_EIGEN, lam, attempts + 1)
+    X = ((rhs @ evecs) * inv) @ evecs.t()
+    return finish(X).to(W.dtype).contiguous(), report(PATH_EIGEN, lam, attempts + 1)

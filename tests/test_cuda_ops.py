@@ -275,7 +275,8 @@ def _close(got, want, tol):
 @needs_cuda_lib
 @pytest.mark.parametrize("wdtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("use_fp64", [False, True])
-@pytest.mark.parametrize("m,k,out", [(37, 20, 9), (256, 180, 64), (1024, 700, 16)])
+@pytest.mark.parametrize("m,k,out", [(37, 20, 9), (256, 180, 64), (1024, 700, 16),  # out RHS
+                                     (37, 30, 9), (256, 230, 64), (1024, 820, 576)])  # |R| RHS
 def test_restore_matches_reference(wdtype, use_fp64, m, k, out):
     torch.backends.cuda.matmul.allow_tf32 = False
     W, H = _problem(4 * m, m, out, seed=m + k, dtype=wdtype)
@@ -295,7 +296,10 @@ def test_restore_trivial(m, k):
     got, want, rep, rep_w = _restore_both(W, H, _kept(m, k), 0.01)
     assert torch.equal(got, want) and int(rep[0]) == ref.PATH_TRIVIAL and torch.equal(rep, rep_w)
     got, want, rep, _ = _restore_both(W, torch.zeros(m, m), _kept(m, 25), 0.01)  # H[S,S] == 0
-    assert torch.equal(got, want) and int(rep[0]) == ref.PATH_TRIVIAL
+    assert torch.equal(got, want) and int(rep[0]) == ref.PATH_SKIPPED and float(rep[1]) == 0.0
+    assert torch.equal(got, W[:, _kept(m, 25)])
+    got, want, rep, _ = _restore_both(W, -torch.eye(m), _kept(m, 25), 0.01)  # mean diagonal < 0
+    assert torch.equal(got, want) and int(rep[0]) == ref.PATH_SKIPPED
 
 
 def _rank_deficient(m=40, out=5, dead=(3, 10)):
@@ -353,6 +357,13 @@ def test_restore_errors():
     Hn[2, 2] = float("nan")
     with pytest.raises(ValueError, match="H contains NaN or Inf"):
         OPS.restore(W, Hn, k, 0.01, False, 4)
+    for j in (4, 5):  # a kept and a removed column
+        Wn = W.clone()
+        Wn[1, j] = float("inf") if j == 4 else float("nan")
+        with pytest.raises(ValueError, match="W contains NaN or Inf"):
+            OPS.restore(Wn, H, k, 0.01, False, 4)
+        with pytest.raises(ValueError, match="W contains NaN or Inf"):
+            OPS.restore(Wn, H, torch.arange(10, device=DEV), 0.01, False, 4)
     with pytest.raises(ValueError, match="damp must be a finite number >= 0, got -1.0"):
         OPS.restore(W, H, k, -1.0, False, 4)
     with pytest.raises(ValueError, match="damp must be a finite number >= 0, got nan"):
@@ -406,3 +417,25 @@ def test_opcheck_restore(k):
     W, H = _problem(100, 37, 9, seed=53)
     kept = _kept(37, k).to(DEV)
     torch.library.opcheck(torch.ops.fasp_ext.restore.default, (W.to(DEV), H.to(DEV), kept, 0.01, False, 4))
+
+
+@needs_cuda_lib
+def test_wrappers_compile_fullgraph_on_cuda():
+    import fasp_ext
+
+    def f(X, W, s, H):
+        fasp_ext.accumulate_stats(X, s, H)
+        kept = fasp_ext.score_select(W, s, 64)
+        out, rep = fasp_ext.restore(W, H, kept, 0.01)
+        return out, kept, rep
+
+    X = torch.randn(512, 96, generator=gen(60)).to(DEV)
+    W = torch.randn(16, 96, generator=gen(61)).to(DEV)
+    s1, H1 = torch.zeros(96, device=DEV), torch.zeros(96, 96, device=DEV)
+    s2, H2 = torch.zeros(96, device=DEV), torch.zeros(96, 96, device=DEV)
+    want = f(X, W, s1, H1)
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(X, W, s2, H2)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0])
+    assert got[2] == want[2] and got[2].path == "cholesky"

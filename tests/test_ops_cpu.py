@@ -441,12 +441,100 @@ def test_restore_fewer_tokens_than_columns(impl):
         assert err_res <= err_sel
 
 
-def test_restore_all_zero_H(impl):
+def test_restore_all_zero_H_is_skipped_not_trivial(impl):
     W = torch.randn(7, 37, generator=gen(41))
     kept = kept_of(37, 20)
     out, path, lam, att = impl.restore(W, torch.zeros(37, 37), kept, 0.01)
-    assert (path, lam, att) == ("trivial", 0.0, 0)
+    assert (path, lam, att) == ("skipped: H not positive", 0.0, 0)
     assert torch.equal(out, W[:, kept])
+    # a real no-op (nothing removed) is told apart from it
+    out, path, lam, att = impl.restore(W, torch.eye(37), torch.arange(37), 0.01)
+    assert (path, att) == ("trivial", 0) and lam == pytest.approx(0.01)
+    assert torch.equal(out, W)
+
+
+def test_restore_negative_mean_diagonal_is_skipped(impl):
+    W = torch.randn(5, 10, generator=gen(141))
+    H = -torch.eye(10)
+    kept = torch.tensor([1, 4, 7])
+    out, path, lam, att = impl.restore(W, H, kept, 0.1)
+    assert (path, lam, att) == ("skipped: H not positive", 0.0, 0)
+    assert torch.equal(out, W[:, kept])
+    if impl.name == "wrapper":
+        rep = fops.restore(W, H, kept, 0.1)[1]
+        assert rep.skipped and not fops.restore(W, torch.eye(10), kept, 0.1)[1].skipped
+
+
+@pytest.mark.parametrize("where", ["kept", "removed"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_restore_rejects_non_finite_W(impl, where, bad, wdtype):
+    X, W, H = problem(n_tok=100, m=12, out=4, seed=142)
+    kept = torch.tensor([0, 3, 4, 8, 11])
+    W = W.to(wdtype)
+    W[2, 3 if where == "kept" else 5] = bad
+    with pytest.raises(ValueError, match="restore: W contains NaN or Inf"):
+        impl.restore(W, H.float(), kept, 0.01)
+    with pytest.raises(ValueError, match="restore: W contains NaN or Inf"):  # also with nothing to solve
+        impl.restore(W, H.float(), torch.arange(12), 0.01)
+
+
+@needs_lib
+@pytest.mark.parametrize("out", [3, 40])
+@pytest.mark.parametrize("use_fp64", [False, True])
+def test_restore_aten_fallback_equals_lapack_path(monkeypatch, out, use_fp64):
+    # FASP_EXT_RESTORE_ATEN makes the kernel use ATen's cholesky / cholesky_solve instead of the
+    # LAPACK symbols (what happens with a torch that exports none): same results, same report
+    X, W, H = problem(n_tok=300, m=40, out=out, seed=146)
+    kept = kept_of(40, 28, seed=147)
+    ct = torch.float64 if use_fp64 else torch.float32
+    for damp, retries in ((0.01, 4), (0.0, 4), (0.0, 0)):
+        Hd = H.clone()
+        Hd[:, 5] = Hd[5, :] = 0  # a dead kept channel: damp 0 needs a retry (or the eigen fallback)
+        lapack = torch.ops.fasp_ext.restore(W.to(ct), Hd.to(ct), kept, damp, use_fp64, retries)
+        monkeypatch.setenv("FASP_EXT_RESTORE_ATEN", "1")
+        aten = torch.ops.fasp_ext.restore(W.to(ct), Hd.to(ct), kept, damp, use_fp64, retries)
+        monkeypatch.delenv("FASP_EXT_RESTORE_ATEN")
+        want, rep = ref.restore(W.to(ct), Hd.to(ct), kept, damp, use_fp64, retries)
+        assert torch.equal(lapack[1][[0, 2]], rep[[0, 2]]) and torch.equal(aten[1][[0, 2]], rep[[0, 2]])
+        tol = dict(rtol=1e-9, atol=1e-9) if use_fp64 else dict(rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(aten[0], want, **tol)
+        torch.testing.assert_close(lapack[0], want, **tol)
+
+
+def test_restore_H_non_finite_outside_the_solved_blocks(impl):
+    # H[R, R] is never used by the solve, but a NaN there still means broken statistics
+    X, W, H = problem(n_tok=100, m=12, out=4, seed=143)
+    kept = torch.tensor([0, 3, 4, 8, 11])
+    H = H.float()
+    H[5, 6] = float("nan")
+    with pytest.raises(ValueError, match="restore: H contains NaN or Inf"):
+        impl.restore(W.float(), H, kept, 0.01)
+
+
+@pytest.mark.parametrize("out", [3, 40])  # fewer rows than removed columns, and more
+@pytest.mark.parametrize("use_fp64", [False, True])
+def test_restore_both_solve_sides_equal_formula_asymmetric_H(impl, out, use_fp64):
+    # H is not assumed symmetric: the update uses H[R, S] and the lower triangle of H[S, S]
+    m, k = 30, 18
+    g = gen(144)
+    X = torch.randn(200, m, generator=g, dtype=torch.float64)
+    H = X.t() @ X + 0.05 * torch.randn(m, m, generator=g, dtype=torch.float64) * 200
+    W = torch.randn(out, m, generator=g, dtype=torch.float64)
+    kept = kept_of(m, k, seed=145)
+    mask = torch.ones(m, dtype=torch.bool)
+    mask[kept] = False
+    R = torch.nonzero(mask).flatten()
+    Hss = H[kept][:, kept]
+    A = torch.tril(Hss) + torch.tril(Hss, -1).t()
+    lam = 0.05 * float(Hss.diagonal().mean())
+    want = W[:, kept] + W[:, R] @ H[R][:, kept] @ torch.linalg.inv(A + lam * torch.eye(k, dtype=torch.float64))
+    Win, Hin = (W, H) if use_fp64 else (W.float(), H.float())
+    got, path, lam_got, att = impl.restore(Win, Hin, kept, 0.05, use_fp64)
+    assert (path, att) == ("cholesky", 1)
+    assert lam_got == pytest.approx(lam, rel=1e-6)
+    tol = dict(rtol=1e-9, atol=1e-9) if use_fp64 else dict(rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    torch.testing.assert_close(got.double(), want, **tol)
 
 
 def test_restore_eigen_fallback_without_retries(impl):

@@ -1,8 +1,15 @@
 // CUDA kernel of fasp_ext::restore:
-//   W' = W[:, S] + W[:, ~S] H[~S, S] (H[S, S] + lambda I)^-1,  lambda = damp * mean(diag H[S, S]),
-// solved with cuSOLVER potrf/potrs on the current stream; on failure lambda is raised with
-// next_lambda (fasp_math.h) up to max_retries times, then an eigen-based pseudo-inverse exactly as
-// in reference.py. Computed in fp32 (fp64 if use_fp64), returned in W's dtype with a float64 CPU
+//   W' = W[:, S] + W[:, R] H[R, S] (H[S, S] + lambda I)^-1,  lambda = damp * mean(diag H[S, S]),
+// R the removed columns, the same algorithm as the CPU kernel (csrc/cpu/restore.cpp): with
+// A = H[S, S] + lambda I factored by cuSOLVER potrf on the current stream, potrs takes
+// min(|R|, out) right-hand sides:
+//   |R| <= out:  Q = H[R, S] A^-1,  W' = W[:, S] + W[:, R] Q   (one GEMM)
+//   |R| >  out:  B = W[:, R] H[R, S],  W' = W[:, S] + B A^-1
+// The value checks (kept in range and increasing, W and H finite) and mean(diag H[S, S]) come back
+// in one device-to-host copy; each factorisation attempt costs one more. On failure lambda is
+// raised with next_lambda (fasp_math.h) up to max_retries times, then an eigen-based
+// pseudo-inverse exactly as in reference.py. A non-positive mean diagonal skips the solve (path
+// "skipped"). Computed in fp32 (fp64 if use_fp64), returned in W's dtype with a float64 CPU
 // report [path, lambda, attempts].
 //
 // cuSOLVER handle: at::cuda::getCurrentCUDASolverDnHandle() lives in libtorch_cuda_linalg.so
@@ -143,23 +150,33 @@ int64_t check_args(const at::Tensor& W, const at::Tensor& H, const at::Tensor& k
   TORCH_CHECK_VALUE(max_retries >= 0, "restore: max_retries must be >= 0, got ", max_retries);
   TORCH_CHECK_VALUE(W.is_cuda(), "restore: W must be a CUDA tensor for the CUDA kernel, got ",
                     py_device(W.device()));
-  // Data-dependent checks, gathered into one device-to-host copy.
-  const auto lopts = kept.options();
-  at::Tensor zero = at::zeros({}, lopts);
+  return m;
+}
+
+// The data-dependent checks and mean(diag H[S, S]), gathered into one device-to-host copy.
+// Indices are clamped for the diagonal gather so that a bad `kept` is reported, not a device assert.
+double check_values_and_mean_diag(const at::Tensor& W, const at::Tensor& H, const at::Tensor& kept,
+                                  int64_t m, at::ScalarType ct) {
+  const auto dopts = kept.options().dtype(at::kDouble);
+  at::Tensor zero = at::zeros({}, dopts);
   const bool nonempty = kept.numel() > 0;
-  at::Tensor flags = at::stack({nonempty ? kept.min() : zero, nonempty ? kept.max() : zero,
-                                kept.numel() > 1
-                                    ? (kept.slice(0, 1).le(kept.slice(0, 0, -1))).any().to(at::kLong)
-                                    : zero,
-                                at::isfinite(H).all().to(at::kLong)})
-                          .cpu();
-  const int64_t* f = flags.const_data_ptr<int64_t>();
+  at::Tensor mean_diag =
+      nonempty ? H.diagonal().index_select(0, kept.clamp(0, m - 1)).to(ct).mean().to(at::kDouble)
+               : zero;
+  at::Tensor flags =
+      at::stack({nonempty ? kept.min().to(at::kDouble) : zero, nonempty ? kept.max().to(at::kDouble) : zero,
+                 kept.numel() > 1 ? (kept.slice(0, 1).le(kept.slice(0, 0, -1))).any().to(at::kDouble) : zero,
+                 at::isfinite(W).all().to(at::kDouble), at::isfinite(H).all().to(at::kDouble), mean_diag})
+          .cpu();
+  const double* f = flags.const_data_ptr<double>();
   if (nonempty) {
-    TORCH_CHECK_VALUE(f[0] >= 0 && f[1] < m, "restore: kept indices must lie in [0, ", m, ")");
+    TORCH_CHECK_VALUE(f[0] >= 0 && f[1] < static_cast<double>(m), "restore: kept indices must lie in [0, ", m,
+                      ")");
     TORCH_CHECK_VALUE(f[2] == 0, "restore: kept must be strictly increasing (sorted, no duplicates)");
   }
-  TORCH_CHECK_VALUE(f[3] != 0, "restore: H contains NaN or Inf");
-  return m;
+  TORCH_CHECK_VALUE(f[3] != 0, "restore: W contains NaN or Inf");
+  TORCH_CHECK_VALUE(f[4] != 0, "restore: H contains NaN or Inf");
+  return f[5];
 }
 
 at::Tensor make_report(int path, double lam, int64_t attempts) {
@@ -173,26 +190,36 @@ std::tuple<at::Tensor, at::Tensor> restore_cuda(const at::Tensor& W, const at::T
   const int64_t m = check_args(W, H, kept, damp, max_retries);
   const c10::cuda::CUDAGuard guard(W.device());
   const auto ct = use_fp64 ? at::kDouble : at::kFloat;
+  // mean(diag H[S, S]) in the compute type, as the reference computes it
+  const double mean_diag = check_values_and_mean_diag(W, H, kept.contiguous(), m, ct);
   const int64_t k = kept.numel();
   const int64_t out_rows = W.size(0);
+  const int64_t r = m - k;
 
-  at::Tensor Wc = W.to(ct);
-  at::Tensor Hc = H.to(ct);
-  at::Tensor Wk = Wc.index_select(1, kept);
-  at::Tensor Hss = Hc.index_select(0, kept).index_select(1, kept);
-  const double mean_diag = k ? Hss.diagonal().mean().item<double>() : 0.0;
-  double lam = damp * mean_diag;
-  if (k == 0 || k == m || mean_diag <= 0.0) {
-    return {Wk.to(W.scalar_type()).contiguous(), make_report(kPathTrivial, lam, 0)};
+  at::Tensor Wk = W.index_select(1, kept).to(ct);
+  if (k == 0 || r == 0) {
+    return {Wk.to(W.scalar_type()).contiguous(), make_report(kPathTrivial, damp * mean_diag, 0)};
   }
-  TORCH_CHECK(k <= INT_MAX && out_rows <= INT_MAX, "restore: matrix too large for cuSOLVER");
+  if (!(mean_diag > 0.0)) {  // no signal on the kept columns: nothing to fit
+    return {Wk.to(W.scalar_type()).contiguous(), make_report(kPathSkipped, 0.0, 0)};
+  }
+  double lam = damp * mean_diag;
+  TORCH_CHECK(k <= INT_MAX && out_rows <= INT_MAX && r <= INT_MAX, "restore: matrix too large for cuSOLVER");
 
   // Removed columns, ascending; kept is validated strictly increasing so there are m - k of them.
   at::Tensor mask = at::ones({m}, W.options().dtype(at::kBool));
   mask.index_fill_(0, kept, false);
-  at::Tensor removed = at::nonzero_static(mask, m - k).flatten();
-  at::Tensor B = at::mm(Wc.index_select(1, removed),
-                        Hc.index_select(0, removed).index_select(1, kept));  // (out, k)
+  at::Tensor removed = at::nonzero_static(mask, r).flatten();
+  at::Tensor Hs = H.index_select(1, kept);                         // H[:, S]
+  at::Tensor Hss = Hs.index_select(0, kept).to(ct);                // (k, k)
+  at::Tensor Hrs = Hs.index_select(0, removed).to(ct);             // (|R|, k)
+  at::Tensor Wr = W.index_select(1, removed).to(ct);               // (out, |R|)
+  const bool rhs_removed = r <= out_rows;
+  // Right-hand sides, row-major (nrhs x k); potrs overwrites its copy.
+  const at::Tensor rhs = rhs_removed ? Hrs : at::mm(Wr, Hrs);
+  auto finish = [&](const at::Tensor& X) {
+    return rhs_removed ? at::addmm(Wk, Wr, X) : Wk.add_(X);
+  };
 
   cusolverDnHandle_t handle = solver_handle();
   at::Tensor info = at::zeros({2}, W.options().dtype(at::kInt));
@@ -203,17 +230,16 @@ std::tuple<at::Tensor, at::Tensor> restore_cuda(const at::Tensor& W, const at::T
     add_diagonal(A, lam);
     at::Tensor info_f = info.slice(0, 0, 1), info_s = info.slice(0, 1, 2);
     potrf(handle, A, info_f);
-    at::Tensor corr = B.clone(at::MemoryFormat::Contiguous);
-    potrs(handle, A, corr, info_s);  // harmless garbage when potrf failed; saves a sync
-    // One host sync per attempt: factorisation status and finiteness of the correction.
-    at::Tensor st = at::cat({info.to(at::kInt), at::isfinite(corr).all().to(at::kInt).reshape({1})})
-                        .cpu();
+    at::Tensor X = rhs.clone(at::MemoryFormat::Contiguous);
+    potrs(handle, A, X, info_s);  // harmless garbage when potrf failed; saves a sync
+    // One host sync per attempt: factorisation status and finiteness of the solve.
+    at::Tensor st = at::cat({info.to(at::kInt), at::isfinite(X).all().to(at::kInt).reshape({1})}).cpu();
     const int* sp = st.const_data_ptr<int>();
     if (sp[0] == 0) {
       TORCH_CHECK(sp[1] == 0, "restore: cuSOLVER potrs reported invalid argument ", -sp[1]);
       if (sp[2] != 0) {
         const int path = attempt == 0 ? kPathCholesky : kPathCholeskyRetry;
-        return {Wk.add_(corr).to(W.scalar_type()).contiguous(), make_report(path, lam, attempts)};
+        return {finish(X).to(W.scalar_type()).contiguous(), make_report(path, lam, attempts)};
       }
     }
     lam = next_lambda(lam, mean_diag);
@@ -228,9 +254,8 @@ std::tuple<at::Tensor, at::Tensor> restore_cuda(const at::Tensor& W, const at::T
   at::Tensor floor = evals.abs().max().mul(k).mul(eps);
   at::Tensor inv = at::where(evals.gt(floor), evals.clamp_min(floor).reciprocal(),
                              at::zeros_like(evals));
-  at::Tensor corr = at::mm(at::mm(B, evecs).mul(inv), evecs.t());
-  return {Wk.add_(corr).to(W.scalar_type()).contiguous(),
-          make_report(kPathEigen, lam, attempts + 1)};
+  at::Tensor X = at::mm(at::mm(rhs, evecs).mul(inv), evecs.t());
+  return {finish(X).to(W.scalar_type()).contiguous(), make_report(kPathEigen, lam, attempts + 1)};
 }
 
 }  // namespace

