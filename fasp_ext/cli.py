@@ -258,7 +258,7 @@ def _perplexity(model, windows, device, quiet: bool) -> float:
         return data.perplexity(model, windows, device=device, progress=not quiet)
     mine = distributed.shard(windows, set_offset=False)
     ppl = data.perplexity(model, mine, device=device, progress=not quiet and distributed.rank() == 0)
-    nll, n = distributed.all_reduce_numbers(math.log(ppl) * mine.shape[0], mine.shape[0])
+    nll, n = distributed.all_reduce_numbers(math.log(ppl) * mine.shape[0], mine.shape[0], device=device)
     return math.exp(nll / n)
 
 
