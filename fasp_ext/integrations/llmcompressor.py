@@ -14,7 +14,10 @@ on the same windows.
 Shapes shrink physically (rows of ``v_proj``/``up_proj``/``gate_proj``, columns of
 ``o_proj``/``down_proj``). Per-block sizes are recorded in ``config.fasp_ext``; reload the folder
 that ``oneshot(output_dir=...)`` (or ``model.save_pretrained``) wrote with
-``fasp_ext.load_pruned(path)``.
+``fasp_ext.load_pruned(path)``. llm-compressor normally re-writes the saved ``config.json`` from the
+base model's original file (found through ``config._name_or_path``), which would undo the pruned
+sizes: the modifier therefore clears ``config._name_or_path`` after pruning (so a ``recipe.yaml`` of
+the base model folder is not carried over either).
 
 In a YAML recipe the modifier is found by name once this module has been imported
 (``import fasp_ext.integrations.llmcompressor`` registers it with llm-compressor's factory)::
@@ -172,6 +175,13 @@ class FASPModifier(Modifier):
         with torch.no_grad():
             self._report = prune(state.model, tokens, cfg)
         self._pruned = True
+        # llm-compressor's save (oneshot(output_dir=...)) re-writes config.json from the base model's
+        # original file, found through config._name_or_path, which would undo the pruned sizes
+        # (intermediate_size, config.fasp_ext). With no name it keeps the config transformers wrote.
+        if getattr(state.model.config, "_name_or_path", ""):
+            logger.info("FASP: clearing config._name_or_path so that saving keeps the pruned config.json "
+                        "(not the base model's)")
+            state.model.config._name_or_path = ""
         r = self._report
         logger.info(f"FASP: parameters {r.params_before:,} -> {r.params_after:,} in {r.times['total']:.1f} s")
 

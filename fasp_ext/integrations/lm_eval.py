@@ -83,7 +83,7 @@ def summary(res: dict) -> dict:
     for task, metrics in (res.get("results") or {}).items():
         row = {}
         for key, v in metrics.items():
-            if key == "alias" or "_stderr" in key or not isinstance(v, (int, float)):
+            if key in ("alias", "sample_len") or "_stderr" in key or not isinstance(v, (int, float)):
                 continue
             row[key.split(",")[0]] = float(v)
         out[task] = row
