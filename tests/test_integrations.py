@@ -143,8 +143,9 @@ def test_fasp_modifier_from_yaml_recipe_with_unequal_samples(model_dir, tmp_path
     model = _load(model_dir)
     oneshot(model=model, dataset=ds, recipe=str(recipe), num_calibration_samples=len(rows), max_seq_length=64,
             shuffle_calibration_samples=False)
-    # the reference: the same samples concatenated and cut into 24-token windows, by hand
-    stream = torch.cat(rows)
+    # the reference: the same samples concatenated and cut into 24-token windows, by hand, in the order
+    # oneshot's dataloader gives them (llm-compressor's length-aware sampler: longest first)
+    stream = torch.cat(sorted(rows, key=lambda r: -r.numel()))
     toks = stream[: stream.numel() // 24 * 24].reshape(-1, 24)
     ref = _load(model_dir)
     fasp_ext.prune(ref, toks, fasp_ext.PruneConfig(sparsity=0.3, allocation="uniform", progress=False))
