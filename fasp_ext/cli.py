@@ -211,6 +211,7 @@ def cmd_eval(args) -> int:
         from .integrations import lm_eval as lme
 
         lme.resolve_tasks(args.tasks, args.include_path)
+        lme.require()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_model_and_tokenizer(args.model, dtype=_dtype(args.dtype), device=device)
     res = {}

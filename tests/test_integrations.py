@@ -231,6 +231,11 @@ def test_cli_eval_tasks_on_a_pruned_model(model_dir, mc_task, tmp_path):
     assert got == pytest.approx(_direct_acc(fasp_ext.load_pruned(out), _tokenizer(), docs))
 
 
-def test_cli_eval_tasks_errors(model_dir, tmp_path):
+def test_cli_eval_tasks_errors(model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir)]) == 2  # neither --data nor --tasks
     assert main(["eval", "--model", str(model_dir), "--tasks", str(tmp_path / "missing.yaml")]) == 2
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:  # without lm-eval: a clear error with the install command, before loading the model
+        assert main(["eval", "--model", str(tmp_path / "no_model"), "--tasks", "piqa"]) == 2
+        assert "pip install 'fasp_ext[lm-eval]'" in capsys.readouterr().err

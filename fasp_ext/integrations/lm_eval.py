@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["PAPER_TASKS", "resolve_tasks", "evaluate", "summary"]
+__all__ = ["PAPER_TASKS", "resolve_tasks", "require", "evaluate", "summary"]
 
 #: the FASP paper's zero-shot tasks (lm-eval names), as in Wanda/FLAP/SliceGPT evaluations
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -50,6 +50,14 @@ def resolve_tasks(specs, include_path: str | os.PathLike | None = None) -> tuple
     if not names:
         raise ValueError("--tasks: no task given")
     return names, paths
+
+
+def require() -> None:
+    """Raise a clear error (with the install command) when lm-eval is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise RuntimeError(_HINT)
 
 
 def evaluate(model, tokenizer, tasks, *, include_path=None, num_fewshot: int | None = None,
