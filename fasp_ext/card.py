@@ -50,7 +50,8 @@ def model_card(report: dict, config=None, loads_with_transformers: bool = False)
     lines = ["---", "library_name: transformers", "tags:", "- fasp_ext", "- pruning", "- structured-pruning"]
     if "/" in base and not os.path.exists(base):
         lines.append(f"base_model: {base}")
-    lines += ["---", "", f"# {Path(base).name} pruned by FASP ({method}, {_fmt(sparsity * 100) if sparsity is not None else '?'} %)", ""]
+    pct = "?" if sparsity is None else _fmt(sparsity * 100)
+    lines += ["---", "", f"# {Path(base).name} pruned by FASP ({method}, {pct} %)", ""]
     lines += [f"Structured pruning of `{base}` with [fasp_ext](https://arxiv.org/abs/2501.09412) "
               f"(FASP, arXiv 2501.09412): whole MLP neurons and value channels are removed, so the "
               f"matrices are physically smaller, and the projection that reads them is restored by a "

@@ -40,8 +40,10 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                        help="calibration text: .txt file(s)/folder, austen:<book>, jargon, or wikitext2/c4/ptb")
         p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--sparsity", type=float, default=0.2, help="fraction of each structure removed")
-    p.add_argument("--mlp-sparsity", type=float, default=None, help="override the MLP sparsity (default: --sparsity)")
-    p.add_argument("--attn-sparsity", type=float, default=None, help="override the value-channel sparsity (default: --sparsity)")
+    p.add_argument("--mlp-sparsity", type=float, default=None,
+                   help="override the MLP sparsity (default: --sparsity)")
+    p.add_argument("--attn-sparsity", type=float, default=None,
+                   help="override the value-channel sparsity (default: --sparsity)")
     p.add_argument("--mlp-only", action="store_true", help="prune MLP neurons only")
     p.add_argument("--method", default="fasp", help="fasp, wanda-sp, flap, depth2, magnitude, random")
     p.add_argument("--selection", default="score", choices=["score", "obs", "spap"],
@@ -63,14 +65,16 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--mlp-multiple", type=int, default=8, help="round kept MLP widths to this multiple")
     p.add_argument("--attn-multiple", type=int, default=1, help="round kept value head sizes to this multiple")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=2048 if not demo else 512, help="tokens per window (calibration and perplexity)")
+    p.add_argument("--seqlen", type=int, default=2048 if not demo else 512,
+                   help="tokens per window (calibration and perplexity)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and of method random")
     p.add_argument("--eval", nargs="*", default=None, help="texts to measure perplexity on before and after " +
                    ("(default: austen:prideprejudice jargon)" if demo else "(default: none)"))
-    p.add_argument("--eval-windows", type=int, default=None, help="evaluate at most this many windows per text " + ("(default: 32)" if demo else "(default: all)"))
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="evaluate at most this many windows per text " + ("(default: 32)" if demo else "(default: all)"))
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -292,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lm-eval task names, 'paper' (the FASP paper's 7 zero-shot tasks: "
                         + " ".join(_paper_tasks()) + "), or task YAML files (offline custom tasks) (default: none)")
     e.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs (default: none)")
-    e.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's, 0 for the paper's)")
+    e.add_argument("--num-fewshot", type=int, default=None,
+                   help="few-shot examples (default: each task's, 0 for the paper's)")
     e.add_argument("--limit", type=float, default=None, help="at most this many documents per task (default: all)")
     e.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
     e.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window")

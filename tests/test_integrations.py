@@ -226,7 +226,8 @@ def test_cli_eval_tasks_on_a_pruned_model(model_dir, mc_task, tmp_path):
     out = tmp_path / "pruned"
     fasp_ext.save_pruned(model, out, _tokenizer())
     js = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(out), "--tasks", str(task), "--json", str(js), "--quiet", "--device", "cpu"]) == 0
+    args = ["eval", "--model", str(out), "--tasks", str(task), "--json", str(js), "--quiet", "--device", "cpu"]
+    assert main(args) == 0
     got = json.loads(js.read_text())["lm_eval"]["fasp_tiny_mc"]["acc"]
     assert got == pytest.approx(_direct_acc(fasp_ext.load_pruned(out), _tokenizer(), docs))
 
