@@ -52,14 +52,14 @@ def model_card(report: dict, config=None, loads_with_transformers: bool = False)
         lines.append(f"base_model: {base}")
     pct = "?" if sparsity is None else _fmt(sparsity * 100)
     lines += ["---", "", f"# {Path(base).name} pruned by FASP ({method}, {pct} %)", ""]
-    lines += [f"Structured pruning of `{base}` with [fasp_ext](https://arxiv.org/abs/2501.09412) "
-              f"(FASP, arXiv 2501.09412): whole MLP neurons and value channels are removed, so the "
+    lines += [f"Structured pruning of `{base}` with fasp_ext "
+              f"(FASP, [arXiv 2501.09412](https://arxiv.org/abs/2501.09412)): whole MLP neurons and value channels are removed, so the "
               f"matrices are physically smaller, and the projection that reads them is restored by a "
               f"damped least-squares fit on calibration activations, block by block."]
     if origin:
         lines += ["", f"Base model: `{base}`, {origin}."]
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
-    shown = {k: cfg[k] for k in _SETTINGS if k in cfg} or {"method": method, "sparsity": sparsity}
+    shown = {k: cfg[k] for k in _SETTINGS if cfg.get(k) is not None} or {"method": method, "sparsity": sparsity}
     if "allocation" in r:
         shown["allocation"] = r["allocation"]
     for k, v in shown.items():
