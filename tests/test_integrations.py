@@ -240,3 +240,13 @@ def test_cli_eval_tasks_errors(model_dir, tmp_path, capsys):
     except ImportError:  # without lm-eval: a clear error with the install command, before loading the model
         assert main(["eval", "--model", str(tmp_path / "no_model"), "--tasks", "piqa"]) == 2
         assert "pip install 'fasp_ext[lm-eval]'" in capsys.readouterr().err
+
+
+def test_the_paper_tasks_are_known_to_lm_eval_by_name():
+    _need("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from fasp_ext.integrations.lm_eval import PAPER_TASKS, resolve_tasks
+
+    assert set(PAPER_TASKS) <= set(TaskManager().all_tasks)  # names only: their data need the hub
+    assert resolve_tasks(["paper", "lambada_openai"]) == ([*PAPER_TASKS, "lambada_openai"], [])
