@@ -101,11 +101,14 @@ def model_card(report: dict, config=None, loads_with_transformers: bool = False)
     return "\n".join(lines)
 
 
-def write_model_card(out_dir: str | os.PathLike, report: dict, config=None) -> Path:
-    """Write ``README.md`` (the model card) into ``out_dir``, a folder fasp_ext saved; return its path."""
+def write_model_card(out_dir: str | os.PathLike, report: dict, config=None, overwrite: bool = False) -> Path:
+    """Write ``README.md`` (the model card) into ``out_dir``, a folder fasp_ext saved; return its path.
+    An existing ``README.md`` is kept (FileExistsError) unless ``overwrite``."""
     out = Path(out_dir)
     cfg_file = out / "config.json"
     plain = cfg_file.is_file() and "fasp_ext" not in json.loads(cfg_file.read_text())
     path = out / "README.md"
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     path.write_text(model_card(report, config, loads_with_transformers=plain))
     return path

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from fasp_ext.card import model_card
+from fasp_ext.card import model_card, write_model_card
 from fasp_ext.cli import _HelpFormatter, build_parser, main
 from test_cli import _prune_args, model_dir, texts  # noqa: F401  (fixtures)
 
@@ -55,6 +55,9 @@ def test_progress_bars_say_what_they_measure_and_the_card_is_written(model_dir, 
     assert "fasp_ext.load_pruned" in card and "| sparsity | 0.25 |" in card
     assert f"from `{texts / 'calib.txt'}`" in card and "4 random windows of 32 tokens" in card
     assert card.startswith("---\nlibrary_name: transformers\n")
+    with pytest.raises(FileExistsError):  # a README.md already there is not replaced silently
+        write_model_card(out, rep)
+    assert (out / "README.md").read_text() == card
 
 
 def test_model_card_of_the_embedded_model_names_its_origin():
