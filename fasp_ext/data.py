@@ -585,9 +585,11 @@ def _model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 8, device=None, progress: bool = True) -> float:
+def perplexity(model, windows: torch.Tensor, batch_size: int = 8, device=None, progress: bool = True,
+               desc: str = "perplexity") -> float:
     """Perplexity over ``windows`` (``(n, seqlen)`` token ids): ``exp`` of the mean over windows of
-    each window's mean next-token NLL (standard shifted causal-LM loss, as in Wanda/SparseGPT eval)."""
+    each window's mean next-token NLL (standard shifted causal-LM loss, as in Wanda/SparseGPT eval).
+    ``desc`` labels the progress bar (e.g. which text, before or after pruning)."""
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
         raise ValueError("windows must be a 2-D LongTensor (n, seqlen)")
     n, seqlen = windows.shape
@@ -604,7 +606,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, device=None, p
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc="perplexity", unit="win")
+        bar = tqdm(total=n, desc=desc, unit="win")
     try:
         for i in it:
             batch = windows[i:i + batch_size].to(device)

@@ -22,8 +22,9 @@ def _model_folder(model) -> Path | None:
 
 
 def save_pruned(model, out_dir: str | os.PathLike, tokenizer=None, report: dict | None = None,
-                overwrite: bool = False, protected=()) -> Path:
-    """Write ``model`` (safetensors + config), ``tokenizer`` and ``fasp_report.json`` to ``out_dir``.
+                overwrite: bool = False, protected=(), config=None) -> Path:
+    """Write ``model`` (safetensors + config), ``tokenizer``, ``fasp_report.json`` and a model card
+    (``README.md``, from ``report`` and the ``PruneConfig`` ``config``; fasp_ext/card.py) to ``out_dir``.
 
     Everything is written to a temporary sibling folder and published by renames at the end, so a
     failure or a signal leaves nothing half-written, and a previous result is deleted only after
@@ -43,8 +44,11 @@ def save_pruned(model, out_dir: str | os.PathLike, tokenizer=None, report: dict 
         except OSError as e:  # a full disk, a quota: one clear line, nothing left behind
             raise OSError(e.errno, f"out: writing the pruned model failed ({e.strerror or e})") from None
         if report is not None:
+            from .card import write_model_card
+
             report["save_seconds"] = time.perf_counter() - t0
             (tmp / "fasp_report.json").write_text(json.dumps(report, indent=2, default=str))
+            write_model_card(tmp, report, config=config)
         return folder.publish()
 
 

@@ -256,5 +256,8 @@ def prune_checkpoint(folder, out, calibration, config=None, dtype: torch.dtype |
         result.update({"lazy": True, "load_seconds": t_load, "save_seconds": time.perf_counter() - t1,
                        "peak_blocks_in_memory": lazy.peak_materialised})
         (tmp / "fasp_report.json").write_text(json.dumps(result, indent=2, default=str))
+        from .card import write_model_card
+
+        write_model_card(tmp, result, config=config)
         out_folder.publish()
     return result

@@ -527,7 +527,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
         tqdm = None
     it = range(len(blocks))
     if cfg.progress and tqdm is not None:
-        it = tqdm(it, desc=f"{cfg.method} {cfg.sparsity:.0%}", unit="block")
+        it = tqdm(it, desc=f"pruning blocks ({cfg.method} {cfg.sparsity:.0%})", unit="block")
     for i in it:
         block = mover.fetch(blocks, i, device)
         info: dict = {"block": i}
