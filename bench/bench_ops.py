@@ -228,7 +228,7 @@ def to_markdown(info, rows):
             opcell = f"{o['median_ms']:.1f} [{o['min_ms']:.1f}-{o['max_ms']:.1f}]" if first else "(same)"
             lines.append(f"| {r['size']} | {r['threads']} | {r['op']} | {r['case']} | {opcell} | {n} | "
                          f"{b['median_ms']:.1f} [{b['min_ms']:.1f}-{b['max_ms']:.1f}] | {r['ratios'][n]:.2f} | "
-                         (f"{r['load_1min']:.1f} |" if "load_1min" in r else " |"))
+                         + (f"{r['load_1min']:.1f} |" if "load_1min" in r else " |"))
             first = False
     return "\n".join(lines) + "\n"
 
