@@ -121,7 +121,8 @@ def bench_size(name, cfg, device, repeats, ops, threads):
     def case(op, what, fns, reps=repeats, warmup=1):
         times = interleaved(fns, device, reps, warmup)
         r = {"size": name, "threads": threads, "op": op, "case": what,
-             "times": {n: stat(v) for n, v in times.items()}}
+             "times": {n: stat(v) for n, v in times.items()},
+             "date": time.strftime("%Y-%m-%d %H:%M"), "load_1min": os.getloadavg()[0]}
         first = next(iter(fns))
         med = r["times"][first]["median_ms"]
         r["ratios"] = {n: r["times"][n]["median_ms"] / med for n in fns if n != first}
@@ -205,11 +206,18 @@ def to_markdown(info, rows):
         f"- load average (1 min) at start {info.get('load_average_at_start') or 0:.1f}, at end "
         f"{info.get('load_average_at_end') or 0:.1f} (on a shared machine other work skews timings)",
         f"- {info['date']}; command: `{info['command']}`",
+    ]
+    if info.get("merged_from"):
+        mf = info["merged_from"]
+        lines.append(f"- rows of {', '.join(info['merged_sizes'])} kept from an earlier run: {mf.get('date')}, git "
+                     f"{(mf.get('git_commit') or '')[:12]}, `{mf.get('command')}`, load {mf.get('load_average_at_start') or 0:.1f}"
+                     f" -> {mf.get('load_average_at_end') or 0:.1f}")
+    lines += [
         "- every case ran its functions interleaved in one process; times are the median [min-max] in ms "
         "over the repeats; 'x / op' is the median of x divided by the op's (> 1: the op is faster)",
         "",
-        "| size | threads | op | case | op ms | baseline | baseline ms | baseline / op |",
-        "| --- | ---: | --- | --- | ---: | --- | ---: | ---: |",
+        "| size | threads | op | case | op ms | baseline | baseline ms | baseline / op | load (1 min) |",
+        "| --- | ---: | --- | --- | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in rows:
         names = list(r["times"])
@@ -219,7 +227,8 @@ def to_markdown(info, rows):
             b = r["times"][n]
             opcell = f"{o['median_ms']:.1f} [{o['min_ms']:.1f}-{o['max_ms']:.1f}]" if first else "(same)"
             lines.append(f"| {r['size']} | {r['threads']} | {r['op']} | {r['case']} | {opcell} | {n} | "
-                         f"{b['median_ms']:.1f} [{b['min_ms']:.1f}-{b['max_ms']:.1f}] | {r['ratios'][n]:.2f} |")
+                         f"{b['median_ms']:.1f} [{b['min_ms']:.1f}-{b['max_ms']:.1f}] | {r['ratios'][n]:.2f} | "
+                         + (f"{r['load_1min']:.1f} |" if "load_1min" in r else " |"))
             first = False
     return "\n".join(lines) + "\n"
 
@@ -231,6 +240,8 @@ def main():
     ap.add_argument("--threads", default="1,2", help="torch CPU thread counts (CPU only)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of the sizes not run now from the existing results file")
     args = ap.parse_args()
     device = torch.device(args.device)
     ops = fasp_ext._loader.compiled_ops_for(device)
@@ -250,6 +261,16 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"ops_{device.type}"
+    if args.merge and (out / f"{stem}.json").exists():
+        old = json.loads((out / f"{stem}.json").read_text())
+        sizes = set(args.sizes.split(","))
+        kept_rows = [r for r in old["results"] if r["size"] not in sizes]
+        rows = kept_rows + rows
+        info["merged_from"] = {k: old["machine"].get(k) for k in ("date", "git_commit", "command",
+                                                                    "load_average_at_start", "load_average_at_end")}
+        info["merged_sizes"] = sorted({r["size"] for r in kept_rows})
+        order = {n: i for i, n in enumerate(SIZES)}
+        rows.sort(key=lambda r: (order.get(r["size"], 99), r["threads"]))
     (out / f"{stem}.json").write_text(json.dumps({"machine": info, "results": rows}, indent=1) + "\n")
     md = to_markdown(info, rows)
     (out / f"{stem}.md").write_text(md)

@@ -17,7 +17,7 @@ from . import reference as ref
 from ._loader import compiled_ops_for
 
 # --------------------------------------------------------------------------- fallback custom ops
-_REF_LIB = torch.library.Library("fasp_ext_ref", "DEF")  # noqa: F841 - kept alive for the module's life
+_REF_LIB = torch.library.Library("fasp_ext_ref", "DEF")  # must live as long as the module
 _REF_LIB.define("accumulate_stats(Tensor X, Tensor(a!) s, Tensor(b!)? H) -> ()")
 _REF_LIB.define("score_select(Tensor W, Tensor s, int k, Tensor? groups, int segments) -> Tensor")
 _REF_LIB.define(
