@@ -12,7 +12,7 @@ tensor (never a whole model in memory). Each is then pruned at 20 % with the def
 * 2 processes x 1 thread under ``torch.distributed.run`` (gloo; every rank reads every block and
   runs half of the calibration windows).
 
-Peak RSS is each process's own (getrusage of the worker). Writes bench/results/scaling_cpu.{json,md,png}.
+Peak RSS is each process's own (VmHWM of the worker). Writes bench/results/scaling_cpu.{json,md,png}.
 Timings only, never asserted.
 """
 
@@ -61,6 +61,18 @@ def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> int:
     return w.total
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM, which starts afresh at exec (getrusage's
+    ru_maxrss would also count the parent's pages at fork time)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(args) -> None:
     import torch
 
@@ -75,7 +87,7 @@ def worker(args) -> None:
     t0 = time.perf_counter()
     rep = prune_checkpoint(args.ckpt, args.out, tokens, PruneConfig(sparsity=0.2, progress=False))
     wall = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss()
     print("RESULT " + json.dumps({"rank": distributed.rank(), "wall": wall, "rss": rss,
                                   "times": rep.get("times", {})}), flush=True)
     if distributed.active():

@@ -37,6 +37,17 @@ _ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
              "F8_E5M2": getattr(torch, "float8_e5m2", None)}
 
 
+def _trim() -> None:
+    """Give freed heap memory back to the system (glibc keeps it per thread arena otherwise, and the
+    next block would grow the process instead of reusing it)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _module_prefix(model: nn.Module, module: nn.Module) -> str:
     for name, m in model.named_modules():
         if m is module:
@@ -195,6 +206,7 @@ class LazyBlocks(BlockMover):
             self.writer.flush()  # one shard per block: nothing waits in memory
         blocks[i] = block.to("meta")
         self.materialised -= 1
+        _trim()
 
     def captured(self, model):
         """The embeddings (everything outside the blocks) are not needed again until the output is
@@ -218,9 +230,10 @@ class LazyBlocks(BlockMover):
             raise RuntimeError(f"fasp_ext: tensors lost outside the blocks: {[k for k, v in rest.items() if v.is_meta]}")
         self.writer.add(rest)
         self.writer.flush()
-        for k in sorted(self.deferred):  # embeddings and output head, unchanged: copied one at a time
+        _trim()
+        for k in sorted(self.deferred):  # embeddings and output head, unchanged: one at a time in memory
             self.writer.add(self._read(lambda name: name == k))
-        self.writer.flush()
+            self.writer.flush()
 
 
 def prune_checkpoint(folder, out, calibration, config=None, dtype: torch.dtype | None = None,
