@@ -149,13 +149,13 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "git": git, "load_before": os.getloadavg(), "nsamples": args.nsamples, "seqlen": args.seqlen,
+            "git": git, "load_after": os.getloadavg(), "nsamples": args.nsamples, "seqlen": args.seqlen,
             "shape": SHAPE}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Pruning bigger-than-memory checkpoints block by block (CPU, fp32)\n",
-             f"torch {meta['torch']}, {meta['cpus']} cores, git {git}, load average at start {meta['load_before']}; "
+             f"torch {meta['torch']}, {meta['cpus']} cores, git {git}, load average (1, 5, 15 min) when the runs ended {meta["load_after"]}; "
              f"{args.nsamples} x {args.seqlen} calibration tokens, 20 %, default settings, "
              f"`python bench/bench_scaling.py`.\n",
              "| blocks | checkpoint | processes x threads | prune time (s) | peak RSS / process | RSS / size |",
