@@ -155,7 +155,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Pruning bigger-than-memory checkpoints block by block (CPU, fp32)\n",
-             f"torch {meta['torch']}, {meta['cpus']} cores, git {git}, load average (1, 5, 15 min) when the runs ended {meta["load_after"]}; "
+             f"torch {meta['torch']}, {meta['cpus']} cores, git {git}, load average (1, 5, 15 min) when the runs ended {meta['load_after']}; "
              f"{args.nsamples} x {args.seqlen} calibration tokens, 20 %, default settings, "
              f"`python bench/bench_scaling.py`.\n",
              "| blocks | checkpoint | processes x threads | prune time (s) | peak RSS / process | RSS / size |",
