@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from fasp_ext import data as D
-from fasp_ext import rdata as R
+from fasp_ext import corpora as C
+from fasp_ext.corpora import rdata as R
 
 REQUIRE_DATA = os.environ.get("FASP_EXT_REQUIRE_DATA", "") == "1"
 
@@ -311,7 +312,7 @@ def test_hf_datasets_fail_fast_offline(monkeypatch):
     fake.load_dataset = load_dataset
     fake.config = types.SimpleNamespace(HF_DATASETS_OFFLINE=False, HF_HUB_OFFLINE=False)
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    monkeypatch.setattr(D, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(C, "_hub_reachable", lambda *a, **k: False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(ConnectionError, match="local .txt"):
@@ -324,7 +325,7 @@ def test_hf_datasets_fail_fast_offline(monkeypatch):
 
     # 3) online (fake) dataset: GPTQ conventions for joining
     fake.load_dataset = lambda *a, **k: {"text": ["a", "b", "c"]}
-    monkeypatch.setattr(D, "_hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(C, "_hub_reachable", lambda *a, **k: True)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert D.load_text("wikitext2") == "a\n\nb\n\nc"
@@ -335,7 +336,7 @@ def test_hub_probe_is_bounded():
     import time
 
     t = time.time()
-    D._hub_reachable("10.255.255.1", 9, timeout=0.5)  # unroutable: must give up on time
+    C._hub_reachable("10.255.255.1", 9, timeout=0.5)  # unroutable: must give up on time
     assert time.time() - t < 3
 
 
@@ -482,7 +483,7 @@ def test_fetch_package_from_cached_deb(tmp_path, monkeypatch, use_dpkg):
                 raise FileNotFoundError(cmd[0])
             return real_run(cmd, *a, **k)
 
-        monkeypatch.setattr(D.subprocess, "run", run)
+        monkeypatch.setattr(C.subprocess, "run", run)
     root = D.fetch_package("fakepkg", "usr/share/fake/hello.txt")
     assert root == tmp_path / "fakepkg"
     assert (root / "usr/share/fake/hello.txt").read_text() == "hello deb\n"
@@ -496,7 +497,7 @@ def test_fetch_package_failure_says_what_to_run(tmp_path, monkeypatch):
     def run(cmd, *a, **k):
         raise FileNotFoundError(cmd[0])
 
-    monkeypatch.setattr(D.subprocess, "run", run)
+    monkeypatch.setattr(C.subprocess, "run", run)
     with pytest.raises(RuntimeError, match="apt-get download nosuchpkg"):
         D.fetch_package("nosuchpkg", "usr/share/x")
 
