@@ -111,8 +111,8 @@ class ShardWriter:
 class LazyBlocks(BlockMover):
     """The model of a checkpoint with its decoder blocks on the meta device until their turn.
 
-    ``model`` is ready to run as far as the pipeline needs (embeddings, final norm and LM head are
-    loaded); ``fetch`` reads block ``i`` from the checkpoint onto the compute device, ``release``
+    ``model`` is ready to run as far as the pipeline needs (the embeddings and final norm are loaded,
+    an untied LM head stays on disk); ``fetch`` reads block ``i`` from the checkpoint onto the compute device, ``release``
     frees it again (after handing it to ``writer`` when it is final). ``materialised`` counts the
     blocks holding real storage at any moment; ``peak_materialised`` is the most there ever were.
     """
@@ -125,7 +125,6 @@ class LazyBlocks(BlockMover):
         self.adapter = adapter_for(model)
         self.blocks = self.adapter.blocks(model)
         self.prefix = _module_prefix(model, self.blocks)
-        self.block_ids = {id(b): i for i, b in enumerate(self.blocks)}
         inside = {id(m) for b in self.blocks for m in b.modules()} | {id(self.blocks)}
         outside = [m for m in model.modules() if id(m) not in inside]
         self.model = model
@@ -155,12 +154,8 @@ class LazyBlocks(BlockMover):
     def _init_buffers(self, model: nn.Module, modules) -> None:
         """Non-persistent buffers (rotary frequencies, embedding scales) are not in a checkpoint:
         let transformers initialise the modules that own them."""
-        owners = {name.rsplit(".", 1)[0] for name, _ in model.named_non_persistent_buffers()} \
-            if hasattr(model, "named_non_persistent_buffers") else set()
-        ids = {id(m) for m in modules}
-        for name in owners:
-            m = model.get_submodule(name) if name else model
-            if id(m) in ids:
+        for m in modules:
+            if getattr(m, "_non_persistent_buffers_set", None):
                 model._init_weights(m)
 
     def _read(self, want, device="cpu") -> dict[str, torch.Tensor]:
