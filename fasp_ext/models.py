@@ -73,15 +73,19 @@ def smollm2_gguf() -> Path:
     return p
 
 
-def load_gguf_model(dtype: torch.dtype = torch.float32):
-    """Load (dequantise) the embedded GGUF directly: ``(model, tokenizer)``; slow-ish (~15 s)."""
+def _load_gguf(gguf: Path, dtype: torch.dtype):
+    """``(model, tokenizer)`` dequantised from a GGUF file by transformers' loader."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     model.eval()
     return model, tok
+
+
+def load_gguf_model(dtype: torch.dtype = torch.float32):
+    """Load (dequantise) the embedded GGUF directly: ``(model, tokenizer)``; slow-ish (~15 s)."""
+    return _load_gguf(smollm2_gguf(), dtype)
 
 
 def _is_converted(folder: Path) -> bool:
@@ -134,13 +138,7 @@ def gemma3_gguf() -> Path:
 
 def load_gemma3_gguf(dtype: torch.dtype = torch.float32):
     """Load (dequantise) Gemma3-270M from its GGUF file: ``(model, tokenizer)``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = gemma3_gguf()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
-    model.eval()
-    return model, tok
+    return _load_gguf(gemma3_gguf(), dtype)
 
 
 def gemma3_path() -> str:
