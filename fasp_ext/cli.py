@@ -64,7 +64,7 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--target", default="pruned", choices=["pruned", "dense"],
                    help="restore toward the pruned model's own outputs (pruned) or the dense model's (dense)")
     p.add_argument("--max-block-sparsity", type=float, default=None,
-                   help="with non-uniform allocation, the most any block loses (default: 2x sparsity, <= 0.9)")
+                   help="with non-uniform allocation, the most any block loses (default: 1.5x sparsity, <= 0.9)")
     p.add_argument("--damp", default=None,
                    help="ridge damping of the restoration (default 0.1), or 'auto' (chosen per matrix on held-out samples)")
     p.add_argument("--intercept", action="store_true", help="also fit a bias shift where the projection has a bias")

@@ -90,7 +90,7 @@ class PruneConfig:
     #: for the others). Non-uniform allocation costs one extra dense pass over ``allocation_samples``
     #: windows (fasp_ext/allocation.py) and gives blocks different widths (reload with load_pruned)
     allocation: str | None = None
-    #: most any one block may lose under non-uniform allocation (None: twice the sparsity, at most 0.9)
+    #: most any one block may lose under non-uniform allocation (None: 1.5x the sparsity, at most 0.9)
     max_block_sparsity: float | None = None
     #: calibration windows the allocation's dense pass uses (the first ones; 0: all)
     allocation_samples: int = 32
