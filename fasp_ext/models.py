@@ -198,12 +198,12 @@ def _convert(load, dest: Path) -> str:
         try:
             os.rename(tmp, dest)
         except OSError:
-            if _is_converted(dest):  # someone else finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                if dest.exists():
-                    shutil.rmtree(dest)
-                os.rename(tmp, dest)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not _is_converted(dest):  # never delete a folder we did not write (the env var may name any)
+                raise RuntimeError(f"cannot cache the converted model at {dest}: it exists and is not a converted "
+                                   f"model; remove it or point FASP_EXT_MODEL_DIR / FASP_EXT_GEMMA3_DIR elsewhere") \
+                    from None
+            # else someone else finished first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

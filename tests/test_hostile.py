@@ -624,3 +624,20 @@ def test_same_seed_and_threads_give_bitwise_identical_output(world, capsys):
         outs.append((out / "model.safetensors").read_bytes())
     capsys.readouterr()
     assert outs[0] == outs[1]
+
+
+def test_model_cache_never_replaces_a_users_folder(tmp_path, monkeypatch):
+    """FASP_EXT_MODEL_DIR may name any folder: a conversion that finds it taken must not delete it."""
+    from fasp_ext import models
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+
+    def fake_load():
+        return tiny_llama(), _tokenizer()
+
+    with pytest.raises(RuntimeError, match="exists and is not a converted model"):
+        models._convert(fake_load, mine)
+    assert (mine / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
