@@ -76,7 +76,7 @@ def greedy_budget(costs: list[list[float]], counts: list[list[int]], budget: int
 
 
 def _error_costs(W, stats: Stats, ks: list[int], groups, segments: int, damp: float,
-                 stream_energy: float) -> list[float]:
+                 energy: float) -> list[float]:
     from .selection import obs_select
 
     units = W.shape[1] if groups is None else groups.shape[0]
@@ -84,7 +84,7 @@ def _error_costs(W, stats: Stats, ks: list[int], groups, segments: int, damp: fl
     _, (ck, ce) = obs_select(W, stats.H, ks[-1] * scale, groups, segments, damp=damp, return_curve=True)
     ck = torch.tensor(ck[::-1], dtype=torch.float64)  # ascending kept counts
     ce = torch.tensor(ce[::-1], dtype=torch.float64)
-    err = [float(_interp(ck, ce, k * scale)) / stream_energy for k in ks]
+    err = [float(_interp(ck, ce, k * scale)) / energy for k in ks]
     return [max(b - a, 0.0) for a, b in zip(err, err[1:])]
 
 
@@ -116,33 +116,29 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> list[
 
     Runs the blocks densely over ``inputs`` (whose hidden states it overwrites with the dense outputs).
     """
-    from .pipeline import kept_count
-
     if mover is None:
         from .calibration import BlockMover
 
         mover = BlockMover(next(blocks[0].parameters()).device)
-    attn_f, mlp_f = cfg.attn_fraction, cfg.mlp_fraction
-    kind = cfg.allocation_kind
-    need_gram = kind == "error"
-    damp = cfg.selection_damp
+    need_gram = cfg.allocation_kind == "error"
     per_block = []  # per block: (attn, mlp), each (kept counts, step costs, parameters per unit) or None
     steps_ = range(len(blocks))
     if cfg.progress:  # the dense pass takes a while on a CPU: say so (issue 14)
         from tqdm.auto import tqdm
 
         n_win = sum(h.shape[0] for h in inputs.hidden)
-        steps_ = tqdm(steps_, desc=f"allocation ({kind}): dense pass over {n_win} windows", unit="block")
+        steps_ = tqdm(steps_, desc=f"allocation ({cfg.allocation_kind}): dense pass over {n_win} windows",
+                      unit="block")
     for i in steps_:
         block = mover.fetch(blocks, i, device)
         hooks, st_o, st_d = [], None, None
-        if attn_f > 0:
+        if cfg.attn_fraction > 0:
             st_o = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram)
             hooks.append(collect(adapter.value_pair(block)[1], st_o))
-        if mlp_f > 0:
+        if cfg.mlp_fraction > 0:
             st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, device, need_gram)
             hooks.append(collect(adapter.mlp_pair(block)[1], st_d))
-        energy_in = sum(float(x.float().pow(2).sum()) for x in inputs.hidden) if need_gram else 0.0
+        energy_in = stream_energy(inputs.hidden, device) if need_gram else 0.0
         with timer("allocation_forward"):
             outs = run_block(block, inputs.at(i), keep_outputs=True)
         for h in hooks:
@@ -150,50 +146,70 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> list[
         for st in (st_o, st_d):
             if st is not None:
                 st.reduce()
-        energy_out = sum(float(x.float().pow(2).sum()) for x in outs) if need_gram else 0.0
-        if need_gram:
-            energy_in, energy_out = distributed.all_reduce_numbers(energy_in, energy_out, device=device)
+        energy_out = stream_energy(outs, device) if need_gram else 0.0
         inputs.hidden[:] = outs
-        entry = []
         with timer("allocation_costs"):
-            for st, frac, which in ((st_o, attn_f, "attn"), (st_d, mlp_f, "mlp")):
-                if st is None:
-                    entry.append(None)
-                    continue
-                if which == "attn":
-                    from .pipeline import value_groups
-
-                    v, o = adapter.value_pair(block)
-                    n, kv, _ = adapter.head_geometry(mcfg)
-                    full, step, W = v.out_features // kv, cfg.attn_multiple, o.weight
-                    groups, segments = value_groups(n, kv, full, W.device), kv
-                else:
-                    full, step, W = adapter.mlp_width(block), cfg.mlp_multiple, adapter.mlp_pair(block)[1].weight
-                    groups, segments = None, 1
-                cap = cfg.max_block_sparsity if cfg.max_block_sparsity is not None else min(0.9, DEFAULT_CAP * frac)
-                lowest = kept_count(full, min(cap, 1.0 - 1.0 / full), step)
-                ks = _steps(full, lowest, step)
-                if len(ks) < 2:
-                    entry.append((ks, [], 1))
-                    continue
-                if kind == "error":
-                    energy = energy_in if which == "attn" else energy_out
-                    costs = _error_costs(W, st, ks, groups, segments, damp, max(energy, 1e-30))
-                else:
-                    costs = _flap_costs(W, st, ks, groups, segments)
-                entry.append((ks, costs, _unit_params(adapter, block, mcfg, which)))
-        per_block.append(entry)
+            per_block.append(block_costs(adapter, block, mcfg, cfg, st_o, st_d, energy_in, energy_out))
         mover.release(blocks, i, block, final=False)
-    # one greedy per structure, or (flap-am) one over both with counts weighed in parameters
+    return decide(per_block, cfg)
+
+
+def stream_energy(hidden: list[torch.Tensor], device) -> float:
+    """Sum of squares of the residual stream over every calibration token (of every process)."""
+    return distributed.all_reduce_numbers(sum(float(x.float().pow(2).sum()) for x in hidden), device=device)[0]
+
+
+def block_costs(adapter, block, mcfg, cfg, st_o: Stats | None, st_d: Stats | None, energy_in: float,
+                energy_out: float) -> list:
+    """One block's entry for ``decide``: per structure (value channels, MLP neurons) the allowed kept
+    counts, the cost of each removal step and the parameters one unit weighs (None: not pruned).
+    ``st_o``/``st_d``: statistics of the output projections' inputs on the dense stream (with the Gram
+    matrix for the "error" allocation, which also needs the stream's energy entering and leaving)."""
+    from .pipeline import kept_count, value_groups
+
+    entry = []
+    for st, frac, which in ((st_o, cfg.attn_fraction, "attn"), (st_d, cfg.mlp_fraction, "mlp")):
+        if st is None:
+            entry.append(None)
+            continue
+        if which == "attn":
+            v, o = adapter.value_pair(block)
+            n, kv, _ = adapter.head_geometry(mcfg)
+            full, step, W = v.out_features // kv, cfg.attn_multiple, o.weight
+            groups, segments = value_groups(n, kv, full, W.device), kv
+        else:
+            full, step, W = adapter.mlp_width(block), cfg.mlp_multiple, adapter.mlp_pair(block)[1].weight
+            groups, segments = None, 1
+        cap = cfg.max_block_sparsity if cfg.max_block_sparsity is not None else min(0.9, DEFAULT_CAP * frac)
+        lowest = kept_count(full, min(cap, 1.0 - 1.0 / full), step)
+        ks = _steps(full, lowest, step)
+        if len(ks) < 2:
+            entry.append((ks, [], 1))
+            continue
+        if cfg.allocation_kind == "error":
+            energy = energy_in if which == "attn" else energy_out
+            costs = _error_costs(W, st, ks, groups, segments, cfg.selection_damp, max(energy, 1e-30))
+        else:
+            costs = _flap_costs(W, st, ks, groups, segments)
+        entry.append((ks, costs, _unit_params(adapter, block, mcfg, which)))
+    return entry
+
+
+def decide(per_block: list[list], cfg) -> list[dict]:
+    """Kept counts per block from every block's ``block_costs``: one greedy per structure, or
+    (flap-am) one over both with counts weighed in parameters, to the total uniform pruning keeps."""
+    from .pipeline import kept_count
+
+    kind = cfg.allocation_kind
     parts = [(idx, key, frac, mult) for idx, key, frac, mult in
-             ((0, "v_keep", attn_f, cfg.attn_multiple), (1, "mlp_keep", mlp_f, cfg.mlp_multiple))
+             ((0, "v_keep", cfg.attn_fraction, cfg.attn_multiple), (1, "mlp_keep", cfg.mlp_fraction, cfg.mlp_multiple))
              if frac > 0 and per_block[0][idx] is not None]
     groups_ = [parts] if kind == "flap-am" else [[p] for p in parts]
-    result = [{"v_keep": None, "mlp_keep": None} for _ in blocks]
+    result = [{"v_keep": None, "mlp_keep": None} for _ in per_block]
     for group in groups_:
         keys, steps, costs, weights, uniform = [], [], [], [], []
         for idx, key, frac, mult in group:
-            for b in range(len(blocks)):
+            for b in range(len(per_block)):
                 ks, c, unit = per_block[b][idx]
                 keys.append((b, key))
                 steps.append(ks)

@@ -5,6 +5,8 @@ Nothing here knows a model family: the adapter names the blocks and projections.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -261,6 +263,59 @@ def run_block(block: nn.Module, inputs: BlockInputs, keep_outputs: bool = True) 
         if keep_outputs and out is not None:
             outs.append(out.to(h.device) if out.device != h.device else out)
     return outs if keep_outputs else None
+
+
+#: attention forward function -> how many values it returns (checked once against the real forward),
+#: or None where the replayed output did not match it (then that forward is never replayed)
+_REPLAY_ARITY: dict = {}
+
+
+@contextmanager
+def replay_attention(attn: nn.Module, out_proj: str, stored: list[torch.Tensor], cols: torch.Tensor | None):
+    """While active, ``attn`` returns ``attn.<out_proj>(z[..., cols])`` for the i-th call's stored
+    output-projection input ``stored[i]`` instead of computing queries, keys, values and the attention.
+
+    Exact after pruning value channels: the kept channels' attention values do not change, only the
+    projection does. Saves recomputing the attention when a block is run again with its attention
+    already pruned (sequential mode's MLP pass). The first call of each forward function in a
+    process also runs the real forward, checks the replayed output against it and learns its
+    return structure; a mismatch disables the replay for that function (with a warning).
+    """
+    real = attn.forward
+    key = getattr(real, "__func__", real)
+    had_own = "forward" in attn.__dict__
+    calls = [0]
+
+    def forward(*args, **kwargs):
+        i = calls[0]
+        calls[0] += 1
+        arity = _REPLAY_ARITY.get(key, 0)
+        if arity is None or i >= len(stored):
+            return real(*args, **kwargs)
+        proj = getattr(attn, out_proj)
+        z = stored[i].to(proj.weight.device, non_blocking=True)
+        out = proj(z if cols is None else z.index_select(-1, cols))
+        if arity:
+            return (out,) + (None,) * (arity - 1)
+        ref = real(*args, **kwargs)
+        ref0 = ref[0] if isinstance(ref, tuple) else None
+        tol = 1e-4 if out.dtype in (torch.float32, torch.float64) else 2e-2
+        ok = ref0 is not None and ref0.shape == out.shape and bool(
+            (ref0.float() - out.float()).norm() <= tol * ref0.float().norm().clamp_min(1e-30))
+        _REPLAY_ARITY[key] = len(ref) if ok else None
+        if not ok:
+            logging.getLogger("fasp_ext").warning(
+                "attention replay does not match %s; the attention is recomputed instead", key.__qualname__)
+        return ref
+
+    attn.forward = forward
+    try:
+        yield
+    finally:
+        if had_own:
+            attn.forward = real
+        else:
+            del attn.forward
 
 
 class BlockMover:

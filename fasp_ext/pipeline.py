@@ -14,6 +14,8 @@ it never asks which family the model is. Per block (DESIGN.md section 1.4):
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import time
@@ -28,7 +30,7 @@ from .adapters import Adapter, adapter_for
 from .adapters.base import _shrink_linear
 from .damping import DEFAULT_GRID, choose_damp
 from .calibration import (BlockInputs, BlockMover, Stats, capture_block_inputs, collect, fluctuation_scores, record,
-                          run_block)
+                          replay_attention, run_block)
 
 log = logging.getLogger("fasp_ext")
 
@@ -382,6 +384,11 @@ def prune_values(adapter: Adapter, block: nn.Module, config, stats: Stats, cfg: 
                  gen: torch.Generator, keep_per_head: int | None = None) -> dict:
     """Remove value channels of ``block`` (equal count per kv head) and restore the output projection.
     ``keep_per_head``: kept channels per kv head (None: from the configured sparsity)."""
+    return _prune_values(adapter, block, config, stats, cfg, gen, keep_per_head)[0]
+
+
+def _prune_values(adapter, block, config, stats, cfg, gen, keep_per_head) -> tuple[dict, torch.Tensor | None]:
+    """``prune_values`` and the kept output-projection columns (None: nothing removed)."""
     v, o = adapter.value_pair(block)
     n, kv, _ = adapter.head_geometry(config)
     dv = v.out_features // kv
@@ -389,7 +396,7 @@ def prune_values(adapter: Adapter, block: nn.Module, config, stats: Stats, cfg: 
     if keep_per_head is None:
         keep_per_head = kept_count(dv, cfg.attn_fraction, cfg.attn_multiple)
     if keep_per_head == dv:
-        return {"v_head_dim": dv}
+        return {"v_head_dim": dv}, None
     dev = o.weight.device
     groups = value_groups(n, kv, dv, dev)
     kept_groups = _select(cfg, o.weight, stats, kv * keep_per_head, groups, kv, gen)
@@ -400,7 +407,7 @@ def prune_values(adapter: Adapter, block: nn.Module, config, stats: Stats, cfg: 
         col_const = v.bias.detach()[(j // dv // rep) * dv + j % dv]
     Wn, bn, info = _restore(o.weight, o.bias, stats, kept_cols, col_const, cfg, cfg.restores)
     adapter.set_value_pair(block, _shrink_linear(v, rows=kept_groups), _set_linear(o, Wn, bn), keep_per_head)
-    return {"v_head_dim": keep_per_head, "attn_solver": info}
+    return {"v_head_dim": keep_per_head, "attn_solver": info}, kept_cols
 
 
 def prune_mlp(adapter: Adapter, block: nn.Module, stats: Stats, cfg: PruneConfig,
@@ -503,24 +510,37 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
     prune_mlp_ = cfg.mlp_fraction > 0
     keeps = [{"v_keep": None, "mlp_keep": None} for _ in blocks]
     allocate = cfg.allocation_kind != "uniform" and (prune_attn or prune_mlp_)
-    if allocate:
+    # one-pass mode: the allocation's statistics come from the one dense pass itself when every
+    # block's statistics fit the store budget (kept until the allocation is decided)
+    fold = allocate and cfg.one_pass and _one_pass_stats_bytes(adapter, blocks[0], cfg) * len(blocks) <= \
+        cfg.store_budget_bytes
+    if allocate and not fold:
         n_alloc = int(cfg.allocation_samples) or all_tokens.shape[0]
         sub_tokens = distributed.shard(all_tokens[:n_alloc], set_offset=False)
         with timer("capture"):
             sub = capture_block_inputs(model, blocks, sub_tokens, cfg.batch_size, device, cfg.offload_activations)
     mover.captured(model)  # from here on only the decoder blocks run
-    if allocate:
+    if allocate and not fold:
         from .allocation import plan
 
         keeps = plan(adapter, blocks, mcfg, sub, cfg, device, timer, mover)
         del sub
+    pre_stats = None
+    if fold:
+        keeps, pre_stats = _one_pass_allocate(adapter, blocks, mcfg, inputs, cfg, device, timer, mover,
+                                              prune_attn, prune_mlp_, int(cfg.val_every) if cfg.damp == "auto" else 0)
     need_gram = cfg.restores
     dense_inputs = None
     if cfg.target == "dense" and not cfg.one_pass:
         dense_inputs = inputs.with_hidden([h.clone() for h in inputs.hidden])
     val_every = int(cfg.val_every) if cfg.damp == "auto" else 0
-    z_bytes = tokens.numel() * adapter.mlp_width(blocks[0]) * next(model.parameters()).element_size()
+    elsize = next(model.parameters()).element_size()
+    z_bytes = tokens.numel() * adapter.mlp_width(blocks[0]) * elsize
     can_correct = adapter.mlp_is_residual_branch and z_bytes <= cfg.store_budget_bytes and adapter.is_pre_norm(mcfg)
+    # the attention's output-projection inputs, kept so the MLP pass replays the pruned attention
+    # instead of recomputing it (exact: calibration.replay_attention); within the same budget
+    zo_bytes = tokens.numel() * adapter.value_pair(blocks[0])[1].in_features * elsize
+    can_replay = prune_attn and zo_bytes + (z_bytes if can_correct else 0) <= cfg.store_budget_bytes
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -535,8 +555,14 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
         if dense_inputs is not None:
             dense_inputs = dense_inputs.at(i)
         if cfg.one_pass:
-            info.update(_one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, prune_mlp_,
-                                        need_gram, val_every, keeps[i]))
+            if pre_stats is not None:  # statistics gathered by the allocation's pass
+                st_o, st_d = pre_stats[i]
+                pre_stats[i] = None
+                with timer("solve"):
+                    info.update(_one_pass_apply(adapter, block, mcfg, st_o, st_d, cfg, gen, keeps[i]))
+            else:
+                info.update(_one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, prune_mlp_,
+                                            need_gram, val_every, keeps[i]))
             report.blocks.append(info)
             mover.release(blocks, i, block, final=True)
             continue
@@ -550,8 +576,11 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             for h in hooks:
                 h.remove()
             dense_inputs = dense_inputs.with_hidden(dense_outs)
+        replay = contextlib.nullcontext  # after pruning the attention: replays it from its stored inputs
         if prune_attn:
-            st = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram, val_every=val_every)
+            st = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram, store=can_replay,
+                           val_every=val_every)
+            st.store_device = inputs.hidden[0].device
             st.dense = x_dense["attn"]
             h = collect(adapter.value_pair(block)[1], st, stop=True)
             with timer("forward_attention_stats"):
@@ -559,7 +588,11 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             h.remove()
             st.reduce()
             with timer("solve_attention"):
-                info.update(prune_values(adapter, block, mcfg, st, cfg, gen, keeps[i]["v_keep"]))
+                rep, kept_cols = _prune_values(adapter, block, mcfg, st, cfg, gen, keeps[i]["v_keep"])
+                info.update(rep)
+            if can_replay:
+                replay = functools.partial(replay_attention, adapter.attention(block), adapter.o_name, st.store,
+                                           kept_cols)
             del st
         else:
             info["v_head_dim"] = adapter.value_head_dim(block, mcfg)
@@ -569,7 +602,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             st.store_device = inputs.hidden[0].device
             st.dense = x_dense["mlp"]
             h = collect(out, st)
-            with timer("forward_mlp_stats"):
+            with timer("forward_mlp_stats"), replay():
                 outs = run_block(block, inputs, keep_outputs=True)
             h.remove()
             st.reduce()
@@ -582,12 +615,14 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
                 elif can_correct:
                     outs = _correct_outputs(outs, st.store, *change)
                 else:
-                    outs = run_block(block, inputs, keep_outputs=True)
+                    with replay():
+                        outs = run_block(block, inputs, keep_outputs=True)
             del st
         else:
             info["mlp_width"] = adapter.mlp_width(block)
-            with timer("propagate"):
+            with timer("propagate"), replay():
                 outs = run_block(block, inputs, keep_outputs=True)
+        del replay
         inputs = inputs.with_hidden(outs)
         report.blocks.append(info)
         mover.release(blocks, i, block, final=True)
@@ -602,7 +637,16 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
 def _one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, prune_mlp_, need_gram,
                     val_every, keep) -> dict:
     """Both statistics from one dense forward of the block; the next block sees the dense output."""
-    info: dict = {}
+    with timer("forward_stats"):
+        st_o, st_d = _one_pass_stats(adapter, block, inputs, prune_attn, prune_mlp_, need_gram, val_every)
+    with timer("solve"):
+        return _one_pass_apply(adapter, block, mcfg, st_o, st_d, cfg, gen, keep)
+
+
+def _one_pass_stats(adapter, block, inputs, prune_attn, prune_mlp_, need_gram, val_every,
+                    on_outputs=None) -> tuple[Stats | None, Stats | None]:
+    """Statistics of both output projections' inputs from one dense forward of ``block``, whose
+    outputs replace ``inputs.hidden`` (``on_outputs(outs)`` sees them first)."""
     hooks, st_o, st_d = [], None, None
     if prune_attn:
         st_o = Stats.new(adapter.value_pair(block)[1].in_features, block_device(block), need_gram,
@@ -612,20 +656,63 @@ def _one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, p
         st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, block_device(block), need_gram,
                          val_every=val_every)
         hooks.append(collect(adapter.mlp_pair(block)[1], st_d))
-    with timer("forward_stats"):
-        outs = run_block(block, inputs, keep_outputs=True)
+    outs = run_block(block, inputs, keep_outputs=True)
     for h in hooks:
         h.remove()
     for st in (st_o, st_d):
         if st is not None:
             st.reduce()
-    with timer("solve"):
-        if st_o is not None:
-            info.update(prune_values(adapter, block, mcfg, st_o, cfg, gen, keep["v_keep"]))
-        if st_d is not None:
-            info.update(prune_mlp(adapter, block, st_d, cfg, gen, keep["mlp_keep"])[0])
+    if on_outputs is not None:
+        on_outputs(outs)
     inputs.hidden[:] = outs
+    return st_o, st_d
+
+
+def _one_pass_apply(adapter, block, mcfg, st_o, st_d, cfg, gen, keep) -> dict:
+    info: dict = {}
+    if st_o is not None:
+        info.update(prune_values(adapter, block, mcfg, st_o, cfg, gen, keep["v_keep"]))
+    if st_d is not None:
+        info.update(prune_mlp(adapter, block, st_d, cfg, gen, keep["mlp_keep"])[0])
     return info
+
+
+def _one_pass_stats_bytes(adapter, block, cfg) -> int:
+    """Bytes of one block's one-pass statistics (Gram matrices, twice with held-out damping)."""
+    ms = ([adapter.value_pair(block)[1].in_features] if cfg.attn_fraction > 0 else []) + \
+         ([adapter.mlp_pair(block)[1].in_features] if cfg.mlp_fraction > 0 else [])
+    per = (2 if cfg.damp == "auto" else 1) if cfg.restores else 0
+    return sum(4 * (per * m * m + 3 * m) for m in ms)
+
+
+@torch.no_grad()
+def _one_pass_allocate(adapter, blocks, mcfg, inputs, cfg, device, timer, mover, prune_attn, prune_mlp_,
+                       val_every) -> tuple[list[dict], list[tuple]]:
+    """One-pass mode with a non-uniform allocation: the one dense pass gathers every block's
+    statistics, the allocation is decided from them (fasp_ext/allocation.py, with all calibration
+    windows instead of the first ``allocation_samples``), and they are kept for the pruning, so no
+    second dense pass runs. Returns the kept counts and the statistics per block."""
+    from .allocation import block_costs, decide, stream_energy
+
+    need_gram = cfg.restores or cfg.allocation_kind == "error"
+    energy = cfg.allocation_kind == "error"
+    per_block, stats = [], []
+    steps_ = range(len(blocks))
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        steps_ = tqdm(steps_, desc=f"one-pass statistics + allocation ({cfg.allocation_kind})", unit="block")
+    for i in steps_:
+        block = mover.fetch(blocks, i, device)
+        energies = [stream_energy(inputs.hidden, device) if energy else 0.0]
+        with timer("forward_stats"):
+            st_o, st_d = _one_pass_stats(adapter, block, inputs.at(i), prune_attn, prune_mlp_, need_gram, val_every,
+                                         on_outputs=lambda o: energies.append(stream_energy(o, device) if energy else 0.0))
+        with timer("allocation_costs"):
+            per_block.append(block_costs(adapter, block, mcfg, cfg, st_o, st_d, *energies))
+        stats.append((st_o, st_d))
+        mover.release(blocks, i, block, final=False)
+    return decide(per_block, cfg), stats
 
 
 def block_device(block: nn.Module) -> torch.device:

@@ -211,3 +211,32 @@ def test_dense_target_first_attention_equals_own_target_and_reloads(family, tmp_
 def test_bad_target_options(kw):
     with pytest.raises(ValueError, match="target"):
         PruneConfig(**kw).validate()
+
+
+@pytest.mark.parametrize("allocation", ["flap", "error", "flap-am"])
+def test_one_pass_allocation_comes_from_the_one_dense_pass(allocation):
+    """One-pass mode decides the allocation from its own dense pass: the same kept counts and the
+    same pruned model as a separate allocation pass over all windows (``allocation_samples=0``),
+    with every block run once per batch instead of twice."""
+    m0 = tiny_llama(seed=3)
+    tokens = random_tokens(6, 16, vocab=m0.config.vocab_size)
+    blocks_run, results = {}, {}
+    for budget in (2 << 30, 0):  # 0: the statistics may not be kept, so the allocation makes its own pass
+        m = tiny_llama(seed=3)
+        calls = [0]
+        hs = [b.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for b in m.model.layers]
+        rep = prune(m, tokens, PruneConfig(sparsity=0.3, one_pass=True, allocation=allocation, allocation_samples=0,
+                                           batch_size=2, mlp_multiple=1, store_budget_bytes=budget, progress=False))
+        for h in hs:
+            h.remove()
+        blocks_run[budget] = calls[0]
+        results[budget] = ([(b["v_head_dim"], b["mlp_width"]) for b in rep.blocks], m)
+    assert results[2 << 30][0] == results[0][0]
+    assert len(set(results[0][0])) > 1  # not uniform, or the comparison says little
+    with torch.no_grad():
+        a = results[2 << 30][1](tokens).logits
+        b = results[0][1](tokens).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    n_layers, n_batches = len(m0.model.layers), 3
+    assert blocks_run[2 << 30] == n_layers * n_batches
+    assert blocks_run[0] == 2 * n_layers * n_batches

@@ -110,3 +110,76 @@ def test_blocks_get_their_own_arguments():
     wrong = torch.cat(run_block(blocks[1], ref1.at(0)), 0)
     assert _rel(own, ref[2]) < 1e-5
     assert _rel(wrong, ref[2]) > 1e-3
+
+
+def _count_attention_inputs(model, adapter):
+    """Count the calls of every linear layer inside each attention module except its output
+    projection (the work a replayed attention skips), hooking the layers a block holds each time it
+    runs (pruning replaces them); also how many such layers a block has."""
+    count, hooked, handles = [0], set(), []
+
+    def lins(b):
+        o = adapter.value_pair(b)[1]
+        return [m for m in adapter.attention(b).modules() if isinstance(m, torch.nn.Linear) and m is not o]
+
+    def arm(block, *_):
+        for m in lins(block):
+            if id(m) not in hooked:
+                hooked.add(id(m))
+                handles.append(m.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1)))
+
+    blocks = adapter.blocks(model)
+    handles += [b.register_forward_pre_hook(arm) for b in blocks]
+    return count, handles, len(lins(blocks[0]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_later_passes_replay_the_pruned_attention(family):
+    """Once a block's attention is pruned, sequential mode never recomputes it: the MLP pass (and the
+    propagation pass of families whose output cannot be corrected linearly) replay the pruned output
+    projection on the stored inputs, and the result equals recomputing it (nothing stored)."""
+    from fasp_ext.adapters import adapter_for
+
+    tokens = random_tokens(N, SEQ, vocab=tiny_family(family).config.vocab_size)
+    nb = -(-N // BATCH)
+    calls, last = {}, {}
+    for budget in (2 << 30, 0):  # 0: nothing may be stored, so every pass recomputes the block
+        model = tiny_family(family)
+        ad = adapter_for(model)
+        count, handles, k = _count_attention_inputs(model, ad)
+        n_blocks = len(ad.blocks(model))
+        try:
+            prune(model, tokens, PruneConfig(sparsity=0.3, batch_size=BATCH, progress=False,
+                                             allocation="uniform", store_budget_bytes=budget))
+        finally:
+            for h in handles:
+                h.remove()
+        calls[budget], last[budget] = count[0], _model_stream(model, tokens)[-1]
+    one_pass_each = n_blocks * nb * k
+    # the statistics pass of each block, plus at most two checking calls (once per forward function)
+    assert calls[2 << 30] <= one_pass_each + 2 * k, (calls, one_pass_each)
+    assert calls[0] >= 2 * one_pass_each, (calls, one_pass_each)
+    assert _rel(last[2 << 30], last[0]) < 1e-5
+
+
+def test_replay_mismatch_falls_back_to_the_real_attention(monkeypatch, caplog):
+    """Stored inputs that do not reproduce the attention are caught on the first call: the real
+    output is returned, a warning names the forward, and that forward is never replayed."""
+    from fasp_ext import calibration
+    from fasp_ext.calibration import capture_block_inputs, replay_attention, run_block
+
+    monkeypatch.setattr(calibration, "_REPLAY_ARITY", {})
+    model = tiny_family("llama")
+    tokens = random_tokens(N, SEQ, vocab=model.config.vocab_size)
+    blocks = model.model.layers
+    inputs = capture_block_inputs(model, blocks, tokens, BATCH, torch.device("cpu")).at(0)
+    want = run_block(blocks[0], inputs)
+    attn = blocks[0].self_attn
+    junk = [torch.randn(h.shape[0], h.shape[1], attn.o_proj.in_features) for h in inputs.hidden]
+    with caplog.at_level("WARNING", logger="fasp_ext"), replay_attention(attn, "o_proj", junk, None):
+        got = run_block(blocks[0], inputs)
+    assert "forward" not in attn.__dict__  # the stock forward is back
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert list(calibration._REPLAY_ARITY.values()) == [None]
+    assert "attention replay does not match" in caplog.text
