@@ -35,12 +35,14 @@ def main() -> int:
     dense = next(r for r in base["rows"] if r["method"] == "dense")
     cfgs = [(m, cmp.parse_method(m, PruneConfig(progress=False, seed=base["seed"]))) for m in a.methods]
     _, tok = models.load_model(base["model"], device="cpu")
+    bos = base.get("bos", "auto")  # results from before the --bos flag used auto
     tokens = data.calibration_windows(tok, data.load_text(base["calib"], split="calib"), base["nsamples"],
-                                      base["seqlen"], base["seed"])
-    windows = {e: data.eval_windows(tok, data.load_text(e), base["seqlen"], base["eval_windows"][e])
+                                      base["seqlen"], base["seed"], bos=bos)
+    windows = {e: data.eval_windows(tok, data.load_text(e), base["seqlen"], base["eval_windows"][e], bos=bos)
                for e in base["evals"]}
     result = {k: base[k] for k in ("model", "calib", "nsamples", "seqlen", "seed", "device", "evals",
                                    "eval_windows")}
+    result["bos"] = bos
     result["rows"] = [dense]
     for s in a.sparsities:
         for name, cfg in cfgs:

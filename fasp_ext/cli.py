@@ -408,7 +408,7 @@ def cmd_compare(args) -> int:
         base.damp = _parse_damp(args.damp)
     res = cmp.compare(args.model, args.methods, args.sparsities, args.calib, args.eval, args.nsamples, args.seqlen,
                       args.eval_windows, args.seed, args.device, base, progress=not args.quiet,
-                      on_row=lambda partial: cmp.write(partial, args.out, args.stem, with_plot=False))
+                      on_row=lambda partial: cmp.write(partial, args.out, args.stem, with_plot=False), bos=args.bos)
     paths = cmp.write(res, args.out, args.stem)
     print(cmp.to_markdown(res))
     print("wrote " + ", ".join(str(p) for p in paths))
@@ -481,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="bench/results", help="folder for compare.json/.md/.png")
     c.add_argument("--stem", default="compare", help="file name stem of the results")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_bos_arg(c)
     c.set_defaults(func=cmd_compare)
     e = sub.add_parser("eval", help="perplexity of a (pruned) model on texts, and/or lm-eval tasks", **fmt,
                        description="Perplexity on texts (--data) and/or lm-eval's harness on zero-shot tasks "

@@ -49,19 +49,21 @@ def parse_method(spec: str, base: PruneConfig) -> PruneConfig:
 def compare(model_spec: str, methods: list[str], sparsities: list[float], calib: str, evals: list[str],
             nsamples: int = 128, seqlen: int = 512, eval_windows: int | None = None, seed: int = 0,
             device: str | None = None, base: PruneConfig | None = None, progress: bool = True,
-            log=print, on_row=None) -> dict:
+            log=print, on_row=None, bos: str = "auto") -> dict:
     """Prune a fresh copy of the model once per (method, sparsity); measure perplexity on each text.
-    ``on_row(result so far)`` is called after every row (e.g. to save partial results)."""
+    ``on_row(result so far)`` is called after every row (e.g. to save partial results). ``bos``:
+    whether calibration and evaluation windows start with BOS (``data.bos_token``)."""
     from . import data, models
 
     base = base or PruneConfig(progress=progress, seed=seed)
     configs = [(m, parse_method(m, base)) for m in methods]  # fail on a bad spec before any work
     for s in sparsities:
         PruneConfig(sparsity=s).validate()
+    data.bos_token(None, bos)  # a bad value fails before the model is loaded
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = models.load_model(model_spec, device="cpu")
-    tokens = data.calibration_windows(tok, data.load_text(calib, split="calib"), nsamples, seqlen, seed)
-    windows = {e: data.eval_windows(tok, data.load_text(e), seqlen, eval_windows) for e in evals}
+    tokens = data.calibration_windows(tok, data.load_text(calib, split="calib"), nsamples, seqlen, seed, bos=bos)
+    windows = {e: data.eval_windows(tok, data.load_text(e), seqlen, eval_windows, bos=bos) for e in evals}
     rows = []
     dense = {"method": "dense", "sparsity": 0.0, "params": count_params(model), "prune_seconds": 0.0}
     for e, w in windows.items():
@@ -72,7 +74,7 @@ def compare(model_spec: str, methods: list[str], sparsities: list[float], calib:
 
     def result() -> dict:
         return {"model": model_spec, "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-                "device": device, "evals": evals,
+                "device": device, "evals": evals, "bos": bos,
                 "eval_windows": {e: int(w.shape[0]) for e, w in windows.items()}, "rows": rows}
 
     del model

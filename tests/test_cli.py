@@ -122,6 +122,33 @@ def test_compare_ranks_methods_and_writes_tables(model_dir, texts, tmp_path):
     assert not list(out.glob("*.tmp"))
 
 
+def test_compare_bos_flag(model_dir, texts, tmp_path):
+    """compare --bos decides whether calibration and evaluation windows start with BOS, as prune and
+    eval do, and records it; 'always' with a tokenizer that has no BOS is refused before any work."""
+    import shutil
+
+    with_bos = tmp_path / "with_bos"
+    shutil.copytree(model_dir, with_bos)
+    tok = _tokenizer()
+    tok.bos_token = "w0"  # has a BOS but does not add it when encoding: auto gives no BOS
+    tok.save_pretrained(with_bos)
+    dense = {}
+    for bos in ("never", "always"):
+        out = tmp_path / f"cmp_{bos}"
+        args = ["compare", "--model", str(with_bos), "--calib", str(texts / "calib.txt"), "--eval",
+                str(texts / "eval.txt"), "--nsamples", "2", "--seqlen", "16", "--eval-windows", "2", "--quiet",
+                "--out", str(out), "--methods", "fasp", "--sparsities", "0", "--bos", bos]
+        assert main(args) == 0
+        res = json.loads((out / "compare.json").read_text())
+        assert res["bos"] == bos
+        dense[bos] = res["rows"][0][str(texts / "eval.txt")]
+    assert dense["never"] != pytest.approx(dense["always"], rel=1e-6)
+    args = ["compare", "--model", str(model_dir), "--calib", str(texts / "calib.txt"), "--eval", str(texts / "eval.txt"),
+            "--out", str(tmp_path / "c"), "--methods", "fasp", "--quiet", "--bos", "always"]
+    assert main(args) == 2
+    assert not (tmp_path / "c").exists()
+
+
 def test_compare_rejects_a_bad_method_before_any_work(model_dir, texts, tmp_path):
     args = ["compare", "--model", str(model_dir), "--calib", str(texts / "calib.txt"), "--eval", str(texts / "eval.txt"),
             "--out", str(tmp_path / "c"), "--methods", "fasp:allocation=owl", "--quiet"]
