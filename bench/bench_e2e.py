@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
+MODES = ("dense", "sequential", "one-pass")
 SYNTHETIC = {
     # name: (family, hidden, intermediate, layers, heads, kv heads)
     "llama-h512-l4": ("llama", 512, 1376, 4, 8, 2),
@@ -64,6 +66,7 @@ def worker(args) -> dict:
     from fasp_ext.pipeline import PruneConfig, prune
 
     torch.set_num_threads(args.threads)
+    t_load = time.perf_counter()
     if args.model == "smollm2":
         model, tok = models.load_model("smollm2")
         tokens = data.calibration_windows(tok, data.load_text("austen:emma", split="calib"), args.nsamples,
@@ -73,7 +76,8 @@ def worker(args) -> dict:
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen), generator=g)
     dev = torch.device(args.device)
-    out = {"model": args.model, "mode": args.mode, "nsamples": args.nsamples, "seqlen": args.seqlen}
+    out = {"model": args.model, "mode": args.mode, "nsamples": args.nsamples, "seqlen": args.seqlen,
+           "load_seconds": time.perf_counter() - t_load}  # model + calibration windows, as a user pays them
     base_mem = peak_memory(args.device)
     if args.mode == "dense":
         ad = adapter_for(model)
@@ -119,13 +123,26 @@ def run_worker(ns, model: str, mode: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _ratio(r: dict, key: str) -> str:
+    lo, hi = r.get(key + "_range", [r[key], r[key]])
+    return f"{r[key]:.2f}" + (f" [{lo:.2f}-{hi:.2f}]" if hi > lo else "")
+
+
+def _with_load(r: dict) -> str:
+    if "ratio_sequential_with_load" not in r:
+        return "-"
+    return f"{r['ratio_sequential_with_load']:.2f} / {r['ratio_one_pass_with_load']:.2f}"
+
+
 def to_markdown(info: dict, rows: list[dict]) -> str:
     lines = [f"# End-to-end pruning time ({info['device']})", "",
              f"- machine: {info.get('cpu', '')}, {info.get('cores', '')} cores; torch {info['torch']}; "
              f"git {info['git_commit'][:12]}", f"- calibration: {rows[0]['dense']['nsamples']} x {rows[0]['dense']['seqlen']} tokens, "
              f"sparsity {info['sparsity']:.0%} (MLP + value channels)", "",
-             "| model | git | allocation | dense forward s | sequential s | ratio | one-pass s | ratio | peak MiB dense / seq / one-pass |"
-             " ppl P&P seq / one-pass |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"- each mode run {info.get('repeats', 1)} time(s), interleaved; times are the median run, ratios the median "
+             "of the per-repeat ratios [range]; 'with load' adds loading the model and the windows to both sides", "",
+             "| model | git | allocation | dense forward s | sequential s | ratio | one-pass s | ratio | ratio with load seq / one-pass |"
+             " peak MiB dense / seq / one-pass | ppl P&P seq / one-pass |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ppl = (f"{r['sequential'].get('ppl_prideprejudice', float('nan')):.2f} / "
                f"{r['one-pass'].get('ppl_prideprejudice', float('nan')):.2f}") if "ppl_prideprejudice" in r[
@@ -134,7 +151,8 @@ def to_markdown(info: dict, rows: list[dict]) -> str:
             f"| {r['model']} | {r.get('git_commit', info['git_commit'])[:7]} | {r.get('allocation', 'uniform')} | "
             f"{r['dense']['seconds']:.2f} | "
             f"{r['sequential']['seconds']:.2f} | "
-            f"{r['ratio_sequential']:.2f} | {r['one-pass']['seconds']:.2f} | {r['ratio_one_pass']:.2f} | "
+            f"{_ratio(r, 'ratio_sequential')} | {r['one-pass']['seconds']:.2f} | {_ratio(r, 'ratio_one_pass')} | "
+            f"{_with_load(r)} | "
             f"{r['dense']['peak_mib']:.0f} / {r['sequential']['peak_mib']:.0f} / {r['one-pass']['peak_mib']:.0f} | "
             f"{ppl} |")
     lines += ["", "Phases of the sequential run (seconds):", "",
@@ -159,6 +177,7 @@ def main() -> None:
     ap.add_argument("--allocation", default=None, choices=["uniform", "error", "flap", "flap-am"],
                     help="per-block allocation (default: the library's default for fasp)")
     ap.add_argument("--eval-windows", type=int, default=32, help="P&P windows for the SmolLM2 accuracy check")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each mode (interleaved); the median is reported")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -174,15 +193,30 @@ def main() -> None:
 
     info.update({"device": ns.device, "sparsity": ns.sparsity,
                  "allocation": PruneConfig(allocation=ns.allocation).allocation_kind})
+    info["repeats"] = ns.repeats
     rows = []
     for model in ns.models:
         r = {"model": model, "git_commit": info["git_commit"], "allocation": info["allocation"]}
-        for mode in ("dense", "sequential", "one-pass"):
-            r[mode] = run_worker(ns, model, mode)
-            print(f"{model:>16} {mode:>10}: {r[mode]['seconds']:.2f} s, peak {r[mode]['peak_mib']:.0f} MiB", flush=True)
-        r["ratio_sequential"] = r["sequential"]["seconds"] / r["dense"]["seconds"]
-        r["ratio_one_pass"] = r["one-pass"]["seconds"] / r["dense"]["seconds"]
-        print(f"{model:>16}  prune/dense: sequential {r['ratio_sequential']:.2f}, one-pass {r['ratio_one_pass']:.2f}")
+        runs = {mode: [] for mode in MODES}
+        for rep in range(ns.repeats):  # the modes interleaved, so load drifts hit all of them alike
+            for mode in MODES:
+                runs[mode].append(run_worker(ns, model, mode))
+                x = runs[mode][-1]
+                print(f"{model:>16} {mode:>10} #{rep}: {x['seconds']:.2f} s (+ load {x['load_seconds']:.2f} s), "
+                      f"peak {x['peak_mib']:.0f} MiB", flush=True)
+        for mode in MODES:  # the median run, with every run's time
+            xs = sorted(runs[mode], key=lambda x: x["seconds"])
+            r[mode] = {**xs[len(xs) // 2], "all_seconds": [x["seconds"] for x in runs[mode]],
+                       "all_load_seconds": [x["load_seconds"] for x in runs[mode]]}
+        for mode, key in (("sequential", "ratio_sequential"), ("one-pass", "ratio_one_pass")):
+            ratios = [p["seconds"] / d["seconds"] for p, d in zip(runs[mode], runs["dense"])]
+            with_load = [(p["seconds"] + p["load_seconds"]) / (d["seconds"] + d["load_seconds"])
+                         for p, d in zip(runs[mode], runs["dense"])]
+            r[key] = statistics.median(ratios)
+            r[key + "_range"] = [min(ratios), max(ratios)]
+            r[key + "_with_load"] = statistics.median(with_load)
+        print(f"{model:>16}  prune/dense (median of {ns.repeats}): sequential {r['ratio_sequential']:.2f}, "
+              f"one-pass {r['ratio_one_pass']:.2f}")
         rows.append(r)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
