@@ -94,7 +94,9 @@ class PruneConfig:
     allocation: str | None = None
     #: most any one block may lose under non-uniform allocation (None: 1.5x the sparsity, at most 0.9)
     max_block_sparsity: float | None = None
-    #: calibration windows the allocation's dense pass uses (the first ones; 0: all)
+    #: calibration windows the allocation's dense pass uses (the first ones; 0: all). One-pass mode
+    #: decides the allocation from its own dense pass over all windows instead, when every block's
+    #: statistics fit ``store_budget_bytes``
     allocation_samples: int = 32
     #: what the restoration fits (sequential mode, method fasp): "pruned" (the FASP default: W x with
     #: x the pruned model's own inputs) or "dense" (W x_dense, the dense model's output, so errors
@@ -102,7 +104,9 @@ class PruneConfig:
     target: str = "pruned"
     #: seed for the random method and any sampling
     seed: int = 0
-    #: keep the W2 inputs in memory to correct block outputs instead of a third pass, up to this many bytes
+    #: memory for what saves a pass, up to this many bytes each: the output projections' inputs
+    #: (sequential mode: the attention is replayed and block outputs corrected instead of recomputed)
+    #: and, in one-pass mode with a non-uniform allocation, every block's statistics
     store_budget_bytes: int = 2 << 30
     #: keep the calibration hidden states (and the correction's stored inputs) in host memory, pinned
     #: on a GPU, and bring one batch at a time to the compute device (README: "Memory")
