@@ -114,6 +114,19 @@ def test_stats_matches_reference(impl, dtype, shape):
         torch.testing.assert_close(H.diagonal(), s - 0.5 + 1.0, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("m", [383, 500, 1100, 1537])
+def test_stats_blocked_gram_is_exact_for_any_H(impl, m):
+    """Widths on both sides of the kernel's blocking thresholds, with a last column block narrower than
+    the others: the lower-triangle blocks mirrored into the upper triangle give H0 + X^T X exactly,
+    for a starting H that is not symmetric."""
+    X = torch.randn(300, m, generator=gen(7))
+    H0 = torch.randn(m, m, generator=gen(8))
+    s, H = torch.zeros(m), H0.clone()
+    impl.stats(X, s, H)
+    X64 = X.double()
+    torch.testing.assert_close(H.double(), H0.double() + X64.t() @ X64, rtol=1e-5, atol=1e-3)
+
+
 def test_stats_zero_tokens(impl):
     s = torch.ones(37)
     H = torch.ones(37, 37)

@@ -68,7 +68,9 @@ void column_sq_norms(const scalar_t* x, int64_t n, int64_t m, float* part) {
 // is exact for any H, symmetric or not. Small m: one GEMM.
 void gram_update(at::Tensor& H, const at::Tensor& X) {
   const int64_t m = X.size(1);
-  const int64_t nb = m >= 1024 ? 8 : 1;  // measured: blocking loses below ~1000 columns
+  // measured on a quiet 2-core EPYC, 4096 tokens, 1 and 2 threads: 8 blocks from 1024 columns
+  // (1.5-1.7x faster than one GEMM), 4 blocks at 576 (1.4x); one GEMM below 384
+  const int64_t nb = m >= 1024 ? 8 : (m >= 384 ? 4 : 1);
   if (nb == 1) {
     H.addmm_(X.t(), X);
     return;
