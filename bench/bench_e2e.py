@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32, help="P&P windows for the SmolLM2 accuracy check")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each mode (interleaved); the median is reported")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--stem", default=None, help="results file name stem (default: e2e_<device>)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
@@ -220,7 +221,7 @@ def main() -> None:
         rows.append(r)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"e2e_{ns.device.split(':')[0]}"
+    stem = ns.stem or f"e2e_{ns.device.split(':')[0]}"
     old = out / f"{stem}.json"
     if old.exists():  # keep the rows of models not re-run this time, each with the commit it came from
         prev = json.loads(old.read_text())

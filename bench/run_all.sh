@@ -9,7 +9,10 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then source .venv/bin/a
 DEVICE=${DEVICE:-cpu}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 python bench/bench_ops.py --device "$DEVICE"
-python bench/bench_e2e.py --device "$DEVICE"
+# end-to-end time against one dense forward, at 128 and at 32 calibration windows
+python bench/bench_e2e.py --device "$DEVICE" --models smollm2 --nsamples 128 --eval-windows 4 --repeats 2
+python bench/bench_e2e.py --device "$DEVICE" --models smollm2 --nsamples 32 --eval-windows 4 --repeats 3 \
+  --stem "e2e_${DEVICE}_32"
 python bench/bench_inference.py --device "$DEVICE"
 # baselines and FASP at 10/20/30 % (the README's quality table). A bare method name takes that
 # method's own allocation (FLAP's ranking for fasp and flap, uniform for the others).
@@ -31,6 +34,18 @@ python -m fasp_ext compare --model smollm2 --device "$DEVICE" --quiet \
   --methods fasp:allocation=uniform fasp fasp:target=dense,allocation=uniform fasp:allocation=flap,target=dense \
   flap fasp:selection=spap fasp:allocation_samples=16 --sparsities 0.3 --calib austen:emma --eval austen:prideprejudice jargon --nsamples 128 --seqlen 512 \
   --eval-windows 32 --out bench/results --stem options30_smollm2
+
+# Gemma3-270M: the baselines and FASP at 10/20/30 % (BOS first), then the settings screened at 20 %
+python -m fasp_ext compare --model gemma3-270m --device "$DEVICE" --quiet --bos auto \
+  --methods wanda-sp flap fasp:allocation=uniform fasp --sparsities 0.1 0.2 0.3 \
+  --calib austen:emma --eval austen:prideprejudice jargon --nsamples 32 --seqlen 512 --eval-windows 16 \
+  --out bench/results --stem compare_gemma3
+python bench/compare_rows.py bench/results/compare_gemma3.json bench/results/compare_gemma3_screen.json \
+  fasp:max_block_sparsity=0.4 fasp:max_block_sparsity=0.25 fasp:allocation_samples=16 fasp:one_pass \
+  fasp:allocation=uniform,damp=auto fasp:damp=0.3 fasp:damp=1.0 fasp:allocation=uniform,mlp_only \
+  fasp:allocation=uniform,mlp_sparsity=0.0 --sparsities 0.2
+python bench/compare_rows.py bench/results/compare_smollm2.json bench/results/screen20_smollm2.json \
+  fasp:allocation_samples=16 fasp:one_pass fasp:max_block_sparsity=0.25 --sparsities 0.2
 
 python bench/magnitude_diagnosis.py
 python bench/plots.py
