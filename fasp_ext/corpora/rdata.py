@@ -121,6 +121,9 @@ BASEENV = _Special("R_BaseEnv")
 BASENAMESPACE = _Special("R_BaseNamespace")
 UNBOUNDVALUE = _Special("R_UnboundValue")
 MISSINGARG = _Special("R_MissingArg")
+#: the pseudo-SEXP types that stand for one of R's singletons
+_SPECIALS = {EMPTYENV_SXP: EMPTYENV, BASEENV_SXP: BASEENV, GLOBALENV_SXP: GLOBALENV,
+             UNBOUNDVALUE_SXP: UNBOUNDVALUE, MISSINGARG_SXP: MISSINGARG, BASENAMESPACE_SXP: BASENAMESPACE}
 
 
 class RVector(list):
@@ -274,18 +277,8 @@ class _Reader:
             if not 1 <= idx <= len(self.refs):
                 raise RDataError(f"bad reference index {idx} (table has {len(self.refs)})")
             return self.refs[idx - 1]
-        if t == EMPTYENV_SXP:
-            return EMPTYENV
-        if t == BASEENV_SXP:
-            return BASEENV
-        if t == GLOBALENV_SXP:
-            return GLOBALENV
-        if t == UNBOUNDVALUE_SXP:
-            return UNBOUNDVALUE
-        if t == MISSINGARG_SXP:
-            return MISSINGARG
-        if t == BASENAMESPACE_SXP:
-            return BASENAMESPACE
+        if t in _SPECIALS:
+            return _SPECIALS[t]
         if t == PERSISTSXP:
             v = RObject("PERSISTSXP", names=self.string_vec())
             self.refs.append(v)
