@@ -98,6 +98,8 @@ class PruneConfig:
     #: decides the allocation from its own dense pass over all windows instead, when every block's
     #: statistics fit ``store_budget_bytes``
     allocation_samples: int = 32
+    #: tokens of each of those windows the allocation's dense pass uses (the first ones; 0: all)
+    allocation_seqlen: int = 0
     #: what the restoration fits (sequential mode, method fasp): "pruned" (the FASP default: W x with
     #: x the pruned model's own inputs) or "dense" (W x_dense, the dense model's output, so errors
     #: of earlier blocks are corrected too; one extra dense forward per block)
@@ -123,8 +125,9 @@ class PruneConfig:
                 raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if int(self.allocation_samples) < 0:
-            raise ValueError(f"allocation_samples must be >= 0, got {self.allocation_samples!r}")
+        for name in ("allocation_samples", "allocation_seqlen"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("mlp_multiple", "attn_multiple", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -520,7 +523,8 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
         cfg.store_budget_bytes
     if allocate and not fold:
         n_alloc = int(cfg.allocation_samples) or all_tokens.shape[0]
-        sub_tokens = distributed.shard(all_tokens[:n_alloc], set_offset=False)
+        n_tok = int(cfg.allocation_seqlen) or all_tokens.shape[1]
+        sub_tokens = distributed.shard(all_tokens[:n_alloc, :n_tok], set_offset=False)
         with timer("capture"):
             sub = capture_block_inputs(model, blocks, sub_tokens, cfg.batch_size, device, cfg.offload_activations)
     mover.captured(model)  # from here on only the decoder blocks run

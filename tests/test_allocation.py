@@ -240,3 +240,35 @@ def test_one_pass_allocation_comes_from_the_one_dense_pass(allocation):
     n_layers, n_batches = len(m0.model.layers), 3
     assert blocks_run[2 << 30] == n_layers * n_batches
     assert blocks_run[0] == 2 * n_layers * n_batches
+
+
+def test_allocation_seqlen_uses_the_first_tokens_of_each_window():
+    """``allocation_seqlen=n``: the allocation's dense pass sees the first n tokens of each window, so
+    the kept counts are those of a run calibrated on the truncated windows; the pruning itself still
+    uses whole windows. n = the window length changes nothing."""
+    tokens = random_tokens(6, 16, vocab=tiny_llama(seed=3).config.vocab_size)
+
+    def run(toks, **kw):
+        m = tiny_llama(seed=3)
+        lengths = []
+        hs = [b.register_forward_pre_hook(lambda _m, args, kwargs: lengths.append(
+            (args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True) for b in m.model.layers]
+        rep = prune(m, toks, PruneConfig(sparsity=0.3, allocation="flap", allocation_samples=0, batch_size=2,
+                                         mlp_multiple=1, progress=False, **kw))
+        for h in hs:
+            h.remove()
+        with torch.no_grad():
+            logits = m(tokens).logits
+        return [(b["v_head_dim"], b["mlp_width"]) for b in rep.blocks], lengths, logits
+
+    keeps8, lengths8, _ = run(tokens, allocation_seqlen=8)
+    keeps_short, _, _ = run(tokens[:, :8])
+    assert keeps8 == keeps_short
+    n_alloc = len(tiny_llama(seed=3).model.layers) * 3  # every block, 3 batches
+    assert set(lengths8[:n_alloc]) == {8} and set(lengths8[n_alloc:]) == {16}
+    keeps_full, _, logits_full = run(tokens, allocation_seqlen=16)
+    keeps0, _, logits0 = run(tokens)
+    assert keeps_full == keeps0
+    torch.testing.assert_close(logits_full, logits0, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="allocation_seqlen"):
+        PruneConfig(allocation_seqlen=-1).validate()
