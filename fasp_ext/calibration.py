@@ -234,9 +234,11 @@ def fluctuation_scores(W: torch.Tensor, stats: Stats) -> torch.Tensor:
     return var * W.float().pow(2).sum(0)
 
 
-def record(module: nn.Module, store: list):
-    """A forward pre-hook on ``module`` appending its input (per batch) to ``store``."""
-    return module.register_forward_pre_hook(lambda _mod, args: store.append(args[0].detach()))
+def record(module: nn.Module, store: list, device: torch.device | None = None):
+    """A forward pre-hook on ``module`` appending its input (per batch) to ``store`` (on ``device``,
+    None: where it is computed)."""
+    return module.register_forward_pre_hook(
+        lambda _mod, args: store.append(args[0].detach() if device is None else args[0].detach().to(device)))
 
 
 def collect(module: nn.Module, stats: Stats, stop: bool = False):

@@ -8,8 +8,9 @@ it never asks which family the model is. Per block (DESIGN.md section 1.4):
 3. run the block with the pruned attention, collecting the MLP down projection's input statistics;
 4. prune the MLP neurons, restoring the down projection;
 5. produce the next block's inputs: where the down projection feeds the residual stream directly
-   (pre-norm blocks) the outputs of step 3 are corrected by the change of the down projection's
-   output, otherwise the block is run once more.
+   (pre-norm blocks) step 3 stops at the down projection, keeping its inputs z and the residual
+   stream h it is added to, and the outputs are h + down'(z[:, kept]), what the pruned block
+   computes; otherwise the block is run once more.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class PruneConfig:
     #: seed for the random method and any sampling
     seed: int = 0
     #: memory for what saves a pass, up to this many bytes each: the output projections' inputs
-    #: (sequential mode: the attention is replayed and block outputs corrected instead of recomputed)
+    #: (sequential mode: the attention is replayed and block outputs computed from the stored down
+    #: projection inputs instead of running the block again)
     #: and, in one-pass mode with a non-uniform allocation, every block's statistics
     store_budget_bytes: int = 2 << 30
     #: keep the calibration hidden states (and the correction's stored inputs) in host memory, pinned
@@ -435,19 +437,18 @@ def prune_mlp(adapter: Adapter, block: nn.Module, stats: Stats, cfg: PruneConfig
 
 
 @torch.no_grad()
-def _correct_outputs(outs: list[torch.Tensor], z_batches: list[torch.Tensor], kept, old: nn.Linear,
-                     new: nn.Linear) -> list[torch.Tensor]:
-    """Block outputs after replacing the down projection: out + z D^T + (b' - b), where
-    D = pad_kept(W') - W, so the change costs one GEMM the size of the old projection."""
-    D = -old.weight.float()
-    D[:, kept] += new.weight.float()
-    db = None
-    if new.bias is not None:
-        db = new.bias.float() - (old.bias.float() if old.bias is not None else 0.0)
+def _residual_outputs(h_mid: list[torch.Tensor], z_batches: list[torch.Tensor], kept, down: nn.Linear,
+                      like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Outputs of a pre-norm block whose MLP output is added to the residual stream last, per batch:
+    ``h_mid + down(z[..., kept])``, what the block computes with its pruned MLP (the kept neurons'
+    activations are unchanged by removing the others), in the model's dtype, shaped like ``like``."""
     res = []
-    for o, z in zip(outs, z_batches):  # on the projection's device, wherever the batches are kept
-        delta = torch.nn.functional.linear(z.to(D.device).float(), D, db)
-        res.append((o.to(D.device).float() + delta.view(o.shape)).to(o.dtype).to(o.device))
+    dev = down.weight.device
+    idx = None if kept is None else torch.as_tensor(kept, device=dev)
+    for h, z, x in zip(h_mid, z_batches, like):  # on the projection's device, wherever the batches are kept
+        z = z.to(dev)
+        y = h.to(dev) + down(z if idx is None else z.index_select(-1, idx))
+        res.append(y.view(x.shape).to(x.device))
     return res
 
 
@@ -544,7 +545,8 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
     val_every = int(cfg.val_every) if cfg.damp == "auto" else 0
     elsize = next(model.parameters()).element_size()
     z_bytes = tokens.numel() * adapter.mlp_width(blocks[0]) * elsize
-    can_correct = adapter.mlp_is_residual_branch and z_bytes <= cfg.store_budget_bytes and adapter.is_pre_norm(mcfg)
+    can_correct = adapter.mlp_is_residual_branch and z_bytes <= cfg.store_budget_bytes and adapter.is_pre_norm(mcfg) \
+        and adapter.mlp_norm(blocks[0]) is not None
     # the attention's output-projection inputs, kept so the MLP pass replays the pruned attention
     # instead of recomputing it (exact: calibration.replay_attention); within the same budget
     zo_bytes = tokens.numel() * adapter.value_pair(blocks[0])[1].in_features * elsize
@@ -609,19 +611,26 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             st = Stats.new(out.in_features, device, need_gram, store=can_correct, val_every=val_every)
             st.store_device = inputs.hidden[0].device
             st.dense = x_dense["mlp"]
-            h = collect(out, st)
+            # with the correction the pass stops at the output projection, keeping its inputs and the
+            # residual stream it is added to; the block's output is then computed from those
+            hooks = [collect(out, st, stop=can_correct)]
+            h_mid: list[torch.Tensor] = []
+            if can_correct:
+                hooks.append(record(adapter.mlp_norm(block), h_mid, st.store_device))
             with timer("forward_mlp_stats"), replay():
-                outs = run_block(block, inputs, keep_outputs=True)
-            h.remove()
+                outs = run_block(block, inputs, keep_outputs=not can_correct)
+            for h in hooks:
+                h.remove()
             st.reduce()
             with timer("solve_mlp"):
                 rep, change = prune_mlp(adapter, block, st, cfg, gen, keeps[i]["mlp_keep"])
             info.update(rep)
             with timer("propagate"):
-                if change is None:
+                if can_correct:
+                    outs = _residual_outputs(h_mid, st.store, change[0] if change else None,
+                                             adapter.mlp_pair(block)[1], inputs.hidden)
+                elif change is None:
                     pass
-                elif can_correct:
-                    outs = _correct_outputs(outs, st.store, *change)
                 else:
                     with replay():
                         outs = run_block(block, inputs, keep_outputs=True)

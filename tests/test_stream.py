@@ -183,3 +183,30 @@ def test_replay_mismatch_falls_back_to_the_real_attention(monkeypatch, caplog):
         torch.testing.assert_close(a, b)
     assert list(calibration._REPLAY_ARITY.values()) == [None]
     assert "attention replay does not match" in caplog.text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlp_pass_never_runs_the_dense_down_projection(family):
+    """Where the MLP output is added to the residual stream as it is, the sequential MLP pass stops at
+    the down projection's input and the block outputs are h + down'(z[:, kept]) (exact: the stream
+    check above), so the dense down projection never runs; elsewhere (Gemma 2/3) it runs in the MLP
+    pass and the pruned block runs again."""
+    from fasp_ext.adapters import adapter_for
+
+    model = tiny_family(family)
+    ad = adapter_for(model)
+    blocks = ad.blocks(model)
+    tokens = random_tokens(N, SEQ, vocab=model.config.vocab_size)
+    calls = [0]
+    handles = [ad.mlp_pair(b)[1].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+               for b in blocks]
+    try:
+        prune(model, tokens, PruneConfig(sparsity=0.3, batch_size=BATCH, progress=False, allocation="uniform"))
+    finally:
+        for h in handles:
+            h.remove()
+    nb = -(-N // BATCH)
+    if ad.mlp_norm(blocks[0]) is not None and ad.is_pre_norm(model.config):
+        assert calls[0] == 0
+    else:
+        assert calls[0] == len(blocks) * nb

@@ -75,9 +75,13 @@ class Adapter:
     mlp_prefix = "mlp"
     #: the MLP output projection's result is added to the residual stream as it is (not normalised
     #: first, as Gemma 2/3's post_feedforward_layernorm does) and is the block's last operation (with
-    #: is_pre_norm): only then does the pipeline correct stored block outputs by the change of that
-    #: projection instead of running the block again (tests/test_stream.py checks both ways)
+    #: is_pre_norm): only then does the pipeline compute block outputs from that projection's stored
+    #: inputs instead of running the block again (tests/test_stream.py checks both ways)
     mlp_is_residual_branch = True
+    #: the block's module whose input is the residual stream the MLP's output is added to (its pre-MLP
+    #: norm), when ``mlp_is_residual_branch``: the MLP pass then stops at the output projection and the
+    #: pipeline computes the pruned block's output itself (``pipeline._residual_outputs``)
+    mlp_norm_name = "post_attention_layernorm"
 
     # ---- model level
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -122,6 +126,10 @@ class Adapter:
         for n, lin in zip(self.mlp_in_names, ins):
             setattr(p, n, lin)
         setattr(p, self.mlp_out_name, out)
+
+    def mlp_norm(self, block) -> nn.Module | None:
+        """The module whose input is the stream the MLP output is added to (None: not known)."""
+        return getattr(block, self.mlp_norm_name, None) if self.mlp_is_residual_branch else None
 
     def mlp_width(self, block) -> int:
         return self.mlp_pair(block)[1].in_features

@@ -15,6 +15,7 @@ class OPTAdapter(Adapter):
     mlp_prefix = ""
     mlp_in_names = ("fc1",)
     mlp_out_name = "fc2"
+    mlp_norm_name = "final_layer_norm"
 
     def blocks(self, model):
         return model.model.decoder.layers
