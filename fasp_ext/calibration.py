@@ -272,6 +272,21 @@ def run_block(block: nn.Module, inputs: BlockInputs, keep_outputs: bool = True) 
 _REPLAY_ARITY: dict = {}
 
 
+def kept_linear(proj: nn.Linear, cols: torch.Tensor | None, width: int):
+    """``z -> proj(z[..., cols])`` for inputs ``z`` of ``width`` columns. On a CPU as one GEMM with
+    ``proj``'s weight padded by zero columns: gathering the kept columns of z costs more there than
+    the GEMM itself (56 ms against 19 ms for 4096 x 1536 -> 1228 columns, 576 outputs)."""
+    if cols is None:
+        return proj
+    W = proj.weight
+    cols = torch.as_tensor(cols, device=W.device)
+    if W.device.type != "cpu":
+        return lambda z: proj(z.index_select(-1, cols))
+    Wp = W.new_zeros(W.shape[0], width)
+    Wp[:, cols] = W
+    return lambda z: torch.nn.functional.linear(z, Wp, proj.bias)
+
+
 @contextmanager
 def replay_attention(attn: nn.Module, out_proj: str, stored: list[torch.Tensor], cols: torch.Tensor | None):
     """While active, ``attn`` returns ``attn.<out_proj>(z[..., cols])`` for the i-th call's stored
@@ -287,6 +302,7 @@ def replay_attention(attn: nn.Module, out_proj: str, stored: list[torch.Tensor],
     key = getattr(real, "__func__", real)
     had_own = "forward" in attn.__dict__
     calls = [0]
+    project = []  # z -> out_proj(z[..., cols]), made at the first call
 
     def forward(*args, **kwargs):
         i = calls[0]
@@ -296,7 +312,9 @@ def replay_attention(attn: nn.Module, out_proj: str, stored: list[torch.Tensor],
             return real(*args, **kwargs)
         proj = getattr(attn, out_proj)
         z = stored[i].to(proj.weight.device, non_blocking=True)
-        out = proj(z if cols is None else z.index_select(-1, cols))
+        if not project:
+            project.append(kept_linear(proj, cols, z.shape[-1]))
+        out = project[0](z)
         if arity:
             return (out,) + (None,) * (arity - 1)
         ref = real(*args, **kwargs)

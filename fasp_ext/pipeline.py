@@ -30,8 +30,8 @@ from . import distributed, ops
 from .adapters import Adapter, adapter_for
 from .adapters.base import _shrink_linear
 from .damping import DEFAULT_GRID, choose_damp
-from .calibration import (BlockInputs, BlockMover, Stats, capture_block_inputs, collect, fluctuation_scores, record,
-                          replay_attention, run_block)
+from .calibration import (BlockInputs, BlockMover, Stats, capture_block_inputs, collect, fluctuation_scores, kept_linear,
+                          record, replay_attention, run_block)
 
 log = logging.getLogger("fasp_ext")
 
@@ -444,10 +444,9 @@ def _residual_outputs(h_mid: list[torch.Tensor], z_batches: list[torch.Tensor], 
     activations are unchanged by removing the others), in the model's dtype, shaped like ``like``."""
     res = []
     dev = down.weight.device
-    idx = None if kept is None else torch.as_tensor(kept, device=dev)
+    project = kept_linear(down, kept, z_batches[0].shape[-1]) if z_batches else down
     for h, z, x in zip(h_mid, z_batches, like):  # on the projection's device, wherever the batches are kept
-        z = z.to(dev)
-        y = h.to(dev) + down(z if idx is None else z.index_select(-1, idx))
+        y = h.to(dev) + project(z.to(dev))
         res.append(y.view(x.shape).to(x.device))
     return res
 

@@ -210,3 +210,18 @@ def test_mlp_pass_never_runs_the_dense_down_projection(family):
         assert calls[0] == 0
     else:
         assert calls[0] == len(blocks) * nb
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(3, 7, 12), (21, 12)])
+def test_kept_linear_is_the_projection_of_the_kept_columns(bias, shape):
+    """The padded-weight GEMM the MLP pass and the attention replay use equals proj(z[..., cols])."""
+    from fasp_ext.calibration import kept_linear
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(*shape, generator=g)
+    cols = torch.tensor([0, 2, 3, 7, 11])
+    proj = torch.nn.Linear(len(cols), 5, bias=bias)
+    want = proj(z[..., cols])
+    torch.testing.assert_close(kept_linear(proj, cols, shape[-1])(z), want, rtol=1e-6, atol=1e-6)
+    assert kept_linear(proj, None, shape[-1]) is proj
