@@ -8,8 +8,10 @@ budget is per structure, so ``mlp_sparsity``/``attn_sparsity`` still hold overal
 
 Costs:
 
-- ``"error"``: the restored calibration error of the projection at each kept count, from one greedy
-  OBS run per matrix (fasp_ext/selection.py), relative to the energy of the residual stream the
+- ``"error"``: the restored calibration error of the projection at each kept count, for the units
+  the run's selection removes: with the default score selection, the score order's exact curve from
+  one Cholesky per matrix (``score_order_curve``); with ``selection="obs"``, the greedy OBS run's
+  own curve (fasp_ext/selection.py). Relative to the energy of the residual stream the
   projection adds to (the block's input for the attention, its output for the MLP): the next block
   normalises that stream, so this is the relative perturbation it sees. (Relative to the
   projection's own output energy instead, the allocation was much worse on SmolLM2; see
@@ -75,16 +77,20 @@ def greedy_budget(costs: list[list[float]], counts: list[list[int]], budget: int
     return pos
 
 
-def _error_costs(W, stats: Stats, ks: list[int], groups, segments: int, damp: float,
-                 energy: float) -> list[float]:
-    from .selection import obs_select
+def _error_costs(W, stats: Stats, ks: list[int], groups, segments: int, damp: float, energy: float,
+                 selection: str = "score") -> list[float]:
+    from .selection import obs_select, score_order_curve
 
     units = W.shape[1] if groups is None else groups.shape[0]
     scale = units // ks[0]  # counts are per segment (value channels) or per column (MLP)
-    _, (ck, ce) = obs_select(W, stats.H, ks[-1] * scale, groups, segments, damp=damp, return_curve=True)
-    ck = torch.tensor(ck[::-1], dtype=torch.float64)  # ascending kept counts
-    ce = torch.tensor(ce[::-1], dtype=torch.float64)
-    err = [float(_interp(ck, ce, k * scale)) / energy for k in ks]
+    if selection == "obs":  # the greedy's own curve, at its chunk boundaries
+        _, (ck, ce) = obs_select(W, stats.H, ks[-1] * scale, groups, segments, damp=damp, return_curve=True)
+        ck = torch.tensor(ck[::-1], dtype=torch.float64)  # ascending kept counts
+        ce = torch.tensor(ce[::-1], dtype=torch.float64)
+        err = [_interp(ck, ce, k * scale) / energy for k in ks]
+    else:
+        curve = score_order_curve(W, stats.s, stats.H, groups, segments, damp=damp).cpu()
+        err = [float(curve[(ks[0] - k) * scale]) / energy for k in ks]
     return [max(b - a, 0.0) for a, b in zip(err, err[1:])]
 
 
@@ -188,7 +194,8 @@ def block_costs(adapter, block, mcfg, cfg, st_o: Stats | None, st_d: Stats | Non
             continue
         if cfg.allocation_kind == "error":
             energy = energy_in if which == "attn" else energy_out
-            costs = _error_costs(W, st, ks, groups, segments, cfg.selection_damp, max(energy, 1e-30))
+            costs = _error_costs(W, st, ks, groups, segments, cfg.selection_damp, max(energy, 1e-30),
+                                  cfg.selection)
         else:
             costs = _flap_costs(W, st, ks, groups, segments)
         entry.append((ks, costs, _unit_params(adapter, block, mcfg, which)))

@@ -121,6 +121,45 @@ def obs_select(W: torch.Tensor, H: torch.Tensor, k: int, groups: torch.Tensor | 
     return kept
 
 
+@torch.no_grad()
+def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups: torch.Tensor | None = None,
+                      segments: int = 1, damp: float = 0.1) -> torch.Tensor:
+    """Restored (damped) error after removing the n lowest-scoring units, for every n at once.
+
+    Units are removed in the order the default selection drops them (``score_select``: the lowest
+    ``sqrt(s) * sum |W|`` first, one rank of every segment at a time, ties leaving the higher index
+    first), so at every n that is a multiple of ``segments`` the removed set is exactly the
+    complement of ``score_select(W, s, G - n, groups, segments)``. Returns ``e`` (G + 1,) float64 with
+    ``e[n] = min tr((W' - W) Hd (W' - W)^T)`` over W' zero on the n removed units, Hd = H + lam I,
+    lam = ``damp`` * mean(diag H) (DESIGN.md 1.2).
+
+    One Cholesky instead of a greedy run: with the columns ordered kept-longest first, Hd = L L^T
+    and R the last r columns, the minimum is ``tr(W_R L_RR L_RR^T W_R^T)`` (the Schur complement of
+    the kept block is L_RR L_RR^T), and the last r rows of ``L^T W^T`` are exactly ``L_RR^T W_R^T``;
+    so e[n] is a suffix sum of the squared row norms of one triangular product.
+    """
+    from .reference import column_scores
+
+    units, _, _ = _check_units("score_order_curve", W, H, 0, groups, segments)
+    G, r = units.shape
+    per = G // segments
+    score = column_scores(W, s.to(W.device), units).view(segments, per)
+    keep_rank = torch.sort(score, dim=1, descending=True, stable=True).indices  # kept-longest first
+    base = torch.arange(segments, device=W.device).view(-1, 1) * per
+    order = (keep_rank + base).t().reshape(-1)  # rank-major: the last entries leave first
+    cols = units[order].reshape(-1)
+    Hd = H.detach().double()[cols][:, cols]
+    lam = float(damp) * float(H.detach().double().diagonal().mean().clamp_min(1e-30))
+    Hd.diagonal().add_(lam)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info) != 0:
+        raise RuntimeError("score_order_curve: H + damping is not positive definite (NaN or Inf in H?)")
+    Y = L.t() @ W.detach().double()[:, cols].t()                 # (m, out), upper triangular L^T
+    per_unit = Y.pow(2).sum(1).view(G, r).sum(1)                 # in kept-longest-first order
+    tail = torch.flip(torch.cumsum(torch.flip(per_unit, (0,)), 0), (0,))  # tail[i] = sum per_unit[i:]
+    return torch.cat([torch.zeros(1, dtype=torch.float64, device=W.device), torch.flip(tail, (0,))])
+
+
 def _keep_top(cost: torch.Tensor, k: int, segments: int) -> torch.Tensor:
     """The k highest-cost units (k/segments per contiguous segment), ascending; ties go to the lower index."""
     G = cost.shape[0]

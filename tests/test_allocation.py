@@ -107,11 +107,35 @@ def test_greedy_budget_in_weighted_counts_spends_the_cheapest_steps_first():
     assert greedy_budget(costs, counts, budget=35) == [1, 2]  # then 0.3 before 5.0: 36 -> 34
 
 
-def test_error_allocation_prunes_a_redundant_block_more():
+def _with_quiet_mlp(m, block: int):
+    """Half of ``block``'s MLP neurons write 100x less into the down projection: they score lowest
+    and removing them costs (almost) nothing."""
+    ad = adapter_for(m)
+    with torch.no_grad():
+        _, down = ad.mlp_pair(ad.blocks(m)[block])
+        down.weight[:, : down.in_features // 2] *= 0.01
+    return m
+
+
+def test_error_allocation_prunes_a_quiet_block_more():
+    # the default (score) selection's curve: the block whose lowest-scoring neurons carry nothing.
+    # LLaMA only, as below (in the tiny random OPT every neuron is already nearly free to remove)
+    toks = random_tokens(8, 24)
+    cfg = dict(sparsity=0.25, allocation="error", mlp_only=True, progress=False)
+    plain = prune(tiny_llama(), toks, PruneConfig(**cfg))
+    widths = [b["mlp_width"] for b in plain.blocks]
+    b = widths.index(max(widths))  # the block plain allocation prunes least (not at the cap)
+    quiet = prune(_with_quiet_mlp(tiny_llama(), b), toks, PruneConfig(**cfg))
+    assert quiet.blocks[b]["mlp_width"] < widths[b]
+
+
+def test_obs_error_allocation_prunes_a_redundant_block_more():
+    # with selection="obs" the curve is the greedy's, which sees that a copy is free to remove (the
+    # score order does not: a neuron and its copy score alike, see test_selection.py).
     # LLaMA only: the tiny random OPT's ReLU MLP inputs are dominated by their mean (random biases,
     # 0.02-std weights), so every neuron there is already nearly redundant and copies change little
     toks = random_tokens(8, 24)
-    cfg = dict(sparsity=0.25, allocation="error", damp=0.01, mlp_only=True, progress=False)
+    cfg = dict(sparsity=0.25, allocation="error", selection="obs", damp=0.01, mlp_only=True, progress=False)
     plain = prune(tiny_llama(), toks, PruneConfig(**cfg))
     dup = prune(_with_redundant_mlp(tiny_llama(), 1), toks, PruneConfig(**cfg))
     assert dup.blocks[1]["mlp_width"] < plain.blocks[1]["mlp_width"]

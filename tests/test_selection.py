@@ -175,3 +175,38 @@ def test_penalty_select_bad_arguments():
         penalty_select(W, H, 3, rounds=0)
     with pytest.raises(ValueError, match="segments"):
         penalty_select(W, H, 3, segments=5)
+
+
+# ----------------------------------------------------------------------------- score-order error curve
+from fasp_ext.selection import score_order_curve  # noqa: E402
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("damp", [0.0, 0.1])
+def test_score_order_curve_is_the_restored_error_of_score_select(grouped, damp):
+    # every point of the curve is the exact damped restored error (a direct solve) of the set
+    # score_select keeps at that count, per segment where units come in segments
+    W, H = _problem(out=4, m=12, n=60, seed=7)
+    s = H.diagonal().clone()
+    groups, segments = (torch.arange(12).view(2, 2, 3).permute(0, 2, 1).reshape(6, 2), 2) if grouped else (None, 1)
+    G = 6 if grouped else 12
+    units = torch.arange(12).view(12, 1) if groups is None else groups
+    curve = score_order_curve(W, s, H, groups, segments, damp=damp)
+    assert curve.shape == (G + 1,) and curve.dtype == torch.float64
+    Hd = H + damp * H.diagonal().mean() * torch.eye(12, dtype=H.dtype)
+    for n in range(0, G + 1, segments):
+        kept = reference.score_select(W.float(), s.float(), G - n, groups, segments)
+        cols = units[kept].reshape(-1).sort().values if len(kept) else torch.empty(0, dtype=torch.long)
+        assert float(curve[n]) == pytest.approx(_error(W, Hd, cols), rel=1e-4, abs=1e-6)
+    assert float(curve[0]) == 0.0
+    assert all(float(b) >= float(a) - 1e-9 for a, b in zip(curve, curve[1:]))
+
+
+def test_score_order_curve_removes_ties_from_the_higher_index_first():
+    # equal scores: score_select keeps the lower index, so the curve must drop the higher one first
+    W = torch.ones(3, 4, dtype=torch.float64)
+    H = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    s = torch.ones(4, dtype=torch.float64)
+    curve = score_order_curve(W, s, H, damp=0.0)
+    # H diagonal: removing column j costs 3 * H_jj on its own; the highest index (4.0) leaves first
+    assert [float(c) for c in curve] == pytest.approx([0.0, 12.0, 21.0, 27.0, 30.0])
