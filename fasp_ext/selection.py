@@ -148,8 +148,8 @@ def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups:
     base = torch.arange(segments, device=W.device).view(-1, 1) * per
     order = (keep_rank + base).t().reshape(-1)  # rank-major: the last entries leave first
     cols = units[order].reshape(-1)
-    Hd = H.detach().double()[cols][:, cols]
-    lam = float(damp) * float(H.detach().double().diagonal().mean().clamp_min(1e-30))
+    Hd = H.detach().index_select(0, cols).index_select(1, cols).double()  # one fp64 copy of H
+    lam = float(damp) * float(H.detach().diagonal().double().mean().clamp_min(1e-30))
     Hd.diagonal().add_(lam)
     L, info = torch.linalg.cholesky_ex(Hd)
     if int(info) != 0:
