@@ -60,7 +60,7 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--allocation", default=None, choices=["uniform", "error", "flap", "flap-am"],
                    help="per-block sparsity: uniform, by restored-error curves, FLAP's ranking across blocks (flap) "
                         "or across blocks and modules with a parameter budget (flap-am) (default: the method's own; "
-                        "flap for fasp and flap, uniform for the others)")
+                        "error for fasp, flap for flap, uniform for the others)")
     p.add_argument("--target", default="pruned", choices=["pruned", "dense"],
                    help="restore toward the pruned model's own outputs (pruned) or the dense model's (dense)")
     p.add_argument("--max-block-sparsity", type=float, default=None,

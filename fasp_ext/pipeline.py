@@ -39,11 +39,12 @@ METHODS = ("fasp", "wanda-sp", "flap", "depth2", "magnitude", "random")
 #: methods that restore the shrunken projection by least squares (and so need the Gram matrix)
 RESTORING = ("fasp", "depth2")
 SELECTIONS = ("score", "obs", "spap")
-#: per-block allocation each method uses unless told otherwise: FASP and FLAP rank FLAP's standardised
-#: fluctuation scores across blocks (measured best for FASP on both texts at 10/20/30 %,
-#: bench/results/compare_smollm2.md); Wanda-sp, magnitude and random prune every block alike, as
-#: their papers do
-DEFAULT_ALLOCATION = {"fasp": "flap", "flap": "flap", "wanda-sp": "uniform", "depth2": "uniform",
+#: per-block allocation each method uses unless told otherwise: FASP by each block's restored-error
+#: curve (better than FLAP's ranking overall on both real models at 10/20/30 %, far better on the
+#: Jargon File at 20-30 %: bench/results/alloc_error_screen.md); FLAP ranks its standardised
+#: fluctuation scores across blocks, as its paper does; Wanda-sp, magnitude and random prune every
+#: block alike, as their papers do
+DEFAULT_ALLOCATION = {"fasp": "error", "flap": "flap", "wanda-sp": "uniform", "depth2": "uniform",
                       "magnitude": "uniform", "random": "uniform"}
 
 
@@ -89,8 +90,8 @@ class PruneConfig:
     #: how many units each block keeps: "uniform", "error" (by each block's restored-error curve),
     #: "flap" (FLAP's standardised fluctuation scores ranked across blocks; same total per structure)
     #: or "flap-am" (ranked across blocks and structures; same total of parameters).
-    #: None (default): the method's own, ``DEFAULT_ALLOCATION`` ("flap" for fasp and flap, "uniform"
-    #: for the others). Non-uniform allocation costs one extra dense pass over ``allocation_samples``
+    #: None (default): the method's own, ``DEFAULT_ALLOCATION`` ("error" for fasp, "flap" for flap,
+    #: "uniform" for the others). Non-uniform allocation costs one extra dense pass over ``allocation_samples``
     #: windows (fasp_ext/allocation.py) and gives blocks different widths (reload with load_pruned)
     allocation: str | None = None
     #: most any one block may lose under non-uniform allocation (None: 1.5x the sparsity, at most 0.9)

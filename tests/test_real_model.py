@@ -48,10 +48,10 @@ def test_smollm2_prune_20_percent_perplexity_and_reload(tmp_path):
     dense = data.perplexity(model, ev, progress=False)
     rep = prune(model, calib, PruneConfig(sparsity=0.2, progress=False))
     assert rep.params_after < 0.9 * rep.params_before
-    # the default allocation (FLAP's ranking across blocks) keeps the uniform totals: 51 of 64 value
+    # the default allocation (restored-error curves) keeps the uniform totals: 51 of 64 value
     # channels per kv head and 1232 of 1536 MLP neurons per block on average
     vdims, widths = [b["v_head_dim"] for b in rep.blocks], [b["mlp_width"] for b in rep.blocks]
-    assert rep.allocation == "flap" and len(set(widths)) > 1
+    assert rep.allocation == "error" and len(set(widths)) > 1
     assert sum(vdims) == 30 * 51 and sum(widths) == 30 * 1232 and all(w % 8 == 0 for w in widths)
     pruned = data.perplexity(model, ev, progress=False)
     print(f"SmolLM2 P&P 16x256: dense {dense:.2f}, FASP 20 % {pruned:.2f}")
