@@ -16,7 +16,7 @@ python bench/bench_e2e.py --device "$DEVICE" --models smollm2 --nsamples 32 --ev
   --stem "e2e_${DEVICE}_32"
 python bench/bench_inference.py --device "$DEVICE"
 # baselines and FASP at 10/20/30 % (the README's quality table). A bare method name takes that
-# method's own allocation (FLAP's ranking for fasp and flap, uniform for the others).
+# method's own allocation (error curves for fasp, FLAP's ranking for flap, uniform for the others).
 python -m fasp_ext compare --model smollm2 --device "$DEVICE" --quiet \
   --methods magnitude wanda-sp flap:allocation=uniform flap depth2 fasp:allocation=uniform fasp \
   --sparsities 0.1 0.2 0.3 \
