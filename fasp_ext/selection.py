@@ -131,7 +131,8 @@ def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups:
     first), so at every n that is a multiple of ``segments`` the removed set is exactly the
     complement of ``score_select(W, s, G - n, groups, segments)``. Returns ``e`` (G + 1,) float64 with
     ``e[n] = min tr((W' - W) Hd (W' - W)^T)`` over W' zero on the n removed units, Hd = H + lam I,
-    lam = ``damp`` * mean(diag H) (DESIGN.md 1.2).
+    lam = ``damp`` * mean(diag H) (DESIGN.md 1.2; raised as ``restore`` does where H + lam I is
+    singular, e.g. ``damp`` 0 with fewer tokens than inputs).
 
     One Cholesky instead of a greedy run: with the columns ordered kept-longest first, Hd = L L^T
     and R the last r columns, the minimum is ``tr(W_R L_RR L_RR^T W_R^T)`` (the Schur complement of
@@ -149,9 +150,15 @@ def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups:
     order = (keep_rank + base).t().reshape(-1)  # rank-major: the last entries leave first
     cols = units[order].reshape(-1)
     Hd = H.detach().index_select(0, cols).index_select(1, cols).double()  # one fp64 copy of H
-    lam = float(damp) * float(H.detach().diagonal().double().mean().clamp_min(1e-30))
-    Hd.diagonal().add_(lam)
-    L, info = torch.linalg.cholesky_ex(Hd)
+    mean_diag = float(H.detach().diagonal().double().mean().clamp_min(1e-30))
+    lam, applied = float(damp) * mean_diag, 0.0
+    for _ in range(5):  # singular H (fewer tokens than inputs) with damp 0: damp more, as restore does
+        Hd.diagonal().add_(lam - applied)
+        applied = lam
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            break
+        lam = lam * 10.0 if lam > 0 else 1e-6 * mean_diag
     if int(info) != 0:
         raise RuntimeError("score_order_curve: H + damping is not positive definite (NaN or Inf in H?)")
     Y = L.t() @ W.detach().double()[:, cols].t()                 # (m, out), upper triangular L^T

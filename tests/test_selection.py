@@ -210,3 +210,14 @@ def test_score_order_curve_removes_ties_from_the_higher_index_first():
     curve = score_order_curve(W, s, H, damp=0.0)
     # H diagonal: removing column j costs 3 * H_jj on its own; the highest index (4.0) leaves first
     assert [float(c) for c in curve] == pytest.approx([0.0, 12.0, 21.0, 27.0, 30.0])
+
+
+def test_score_order_curve_survives_a_singular_gram_without_damping():
+    # 5 tokens, 12 inputs: H is singular; damp 0 must not fail the allocation (it damps more)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    W = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    curve = score_order_curve(W, (X * X).sum(0), X.T @ X, damp=0.0)
+    assert bool(torch.isfinite(curve).all()) and float(curve[-1]) > 0
+    with pytest.raises(RuntimeError, match="not positive definite"):
+        score_order_curve(W, (X * X).sum(0), torch.full((12, 12), float("nan"), dtype=torch.float64))
