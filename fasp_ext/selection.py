@@ -149,7 +149,7 @@ def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups:
     base = torch.arange(segments, device=W.device).view(-1, 1) * per
     order = (keep_rank + base).t().reshape(-1)  # rank-major: the last entries leave first
     cols = units[order].reshape(-1)
-    Hd = H.detach().index_select(0, cols).index_select(1, cols).double()  # one fp64 copy of H
+    Hd = H.detach().index_select(0, cols).index_select(1, cols).double()  # H permuted, in fp64
     mean_diag = float(H.detach().diagonal().double().mean().clamp_min(1e-30))
     lam, applied = float(damp) * mean_diag, 0.0
     for _ in range(5):  # singular H (fewer tokens than inputs) with damp 0: damp more, as restore does
@@ -163,8 +163,8 @@ def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups:
         raise RuntimeError("score_order_curve: H + damping is not positive definite (NaN or Inf in H?)")
     Y = L.t() @ W.detach().double()[:, cols].t()                 # (m, out), upper triangular L^T
     per_unit = Y.pow(2).sum(1).view(G, r).sum(1)                 # in kept-longest-first order
-    tail = torch.flip(torch.cumsum(torch.flip(per_unit, (0,)), 0), (0,))  # tail[i] = sum per_unit[i:]
-    return torch.cat([torch.zeros(1, dtype=torch.float64, device=W.device), torch.flip(tail, (0,))])
+    removed = torch.cumsum(torch.flip(per_unit, (0,)), 0)        # removed[n - 1]: the last n units
+    return torch.cat([torch.zeros(1, dtype=torch.float64, device=W.device), removed])
 
 
 def _keep_top(cost: torch.Tensor, k: int, segments: int) -> torch.Tensor:
