@@ -144,6 +144,13 @@ def extension_modules():
     if platform.system() == "Linux":  # at::parallel_for is OpenMP-based in the official wheels
         cxx_flags.append("-fopenmp")
         link_args.append("-fopenmp")
+        # The shared libstdc++ that torch uses, named before the compiler's own -lstdc++: a build
+        # environment with -static-libstdc++ (in LDFLAGS, say) otherwise copies libstdc++ into the
+        # library, and that second copy's iostreams break on the first number formatted into an
+        # error message (a segfault on the first CUDA error check that names a size, seen on a GPU
+        # machine; truncated messages on the CPU). The symbols then resolve here and nothing is
+        # taken from the static archive.
+        link_args.append("-l:libstdc++.so.6")
     extra = {"cxx": cxx_flags}
     include_dirs = [str(ROOT / "csrc"), str(ROOT / GENERATED)]
     archs = ""

@@ -167,7 +167,7 @@ def test_score_select_groups_and_segments(dtype):
     g = torch.arange(kv * d)
     head, ch = g // d, g % d
     groups = torch.stack([(head * rep + r) * d + ch for r in range(rep)], 1)
-    for k, segments in [(0, 1), (64, 1), (40, 4), (32, 4), (64, 4), (8, 8), (16, 64)]:
+    for k, segments in [(0, 1), (64, 1), (40, 4), (32, 4), (64, 4), (8, 8), (32, 16), (64, 64)]:
         got, want = _select_both(W, s, k, groups, segments)
         assert torch.equal(got, want), (k, segments)
 
