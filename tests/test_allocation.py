@@ -296,3 +296,31 @@ def test_allocation_seqlen_uses_the_first_tokens_of_each_window():
     torch.testing.assert_close(logits_full, logits0, rtol=0, atol=0)
     with pytest.raises(ValueError, match="allocation_seqlen"):
         PruneConfig(allocation_seqlen=-1).validate()
+
+
+@pytest.mark.parametrize("allocation, samples, expected", [
+    ("error", None, 16), ("flap", None, 32), ("flap-am", None, 32),  # each allocation's default
+    ("error", 32, 32), ("flap", 8, 8), ("error", 0, 40),  # an explicit count wins; 0: all windows
+])
+def test_allocation_pass_window_count(monkeypatch, allocation, samples, expected):
+    """The allocation's dense pass runs on the first ``allocation_windows`` windows: 16 for the error
+    curves and 32 for FLAP's rankings by default (ALLOCATION_SAMPLES), whatever is given otherwise."""
+    import fasp_ext.pipeline as pl
+
+    seen = []
+    real = pl.capture_block_inputs
+
+    def spy(model, blocks, tokens, *args, **kwargs):
+        seen.append(tuple(tokens.shape))
+        return real(model, blocks, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(pl, "capture_block_inputs", spy)
+    cfg = PruneConfig(sparsity=0.3, allocation=allocation, allocation_samples=samples, batch_size=8, progress=False)
+    assert cfg.allocation_windows == (0 if samples == 0 else expected)
+    prune(tiny_llama(), random_tokens(40, 8), cfg)
+    assert seen == [(40, 8), (expected, 8)]  # the calibration windows, then the allocation's
+
+
+def test_allocation_samples_must_not_be_negative():
+    with pytest.raises(ValueError, match="allocation_samples must be >= 0"):
+        prune(tiny_llama(), random_tokens(4, 8), PruneConfig(sparsity=0.3, allocation_samples=-1, progress=False))
