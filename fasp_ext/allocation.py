@@ -17,7 +17,8 @@ Costs:
   projection's own output energy instead, the allocation was much worse on SmolLM2; see
   bench/results/options30_smollm2.md.)
 
-The dense pass uses the first ``allocation_samples`` calibration windows only: the curves need far
+The dense pass uses the first ``PruneConfig.allocation_windows`` calibration windows only (16 for the
+error curves, 32 for FLAP's rankings, unless ``allocation_samples`` says otherwise): the curves need far
 less data than the restoration, and the pass then costs a fraction of a calibration forward.
 - ``"flap"``: FLAP's adaptive structure (An et al., 2024) across layers, per module ("AL-MM"): the
   fluctuation score of each unit, standardised per block (mean 0, std 1), ranked across blocks.
