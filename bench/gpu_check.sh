@@ -162,6 +162,10 @@ fi
 
 # ---------------------------------------------------------------------------- summary
 COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+# a tree that differs from its commit says so (a copied checkout can carry a stale .git)
+if [ -n "$(git status --porcelain --untracked-files=no -- csrc fasp_ext tests bench setup.py 2>/dev/null)" ]; then
+  COMMIT="$COMMIT + uncommitted changes"
+fi
 TV=$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)
 {
   echo "# GPU check (bash bench/gpu_check.sh)"
