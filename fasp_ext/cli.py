@@ -217,6 +217,8 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     n_params = None
     if folder is not None:
         mconf, n_params = check_model_folder(folder)
+        if isinstance(mconf.get("text_config"), dict):  # a multimodal model: its language model's sizes
+            mconf = mconf["text_config"]
         ctx = mconf.get("max_position_embeddings")
         if isinstance(ctx, int) and args.seqlen > ctx:
             raise UserError(f"--seqlen {args.seqlen} exceeds the model's context of {ctx} tokens")
@@ -234,10 +236,13 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     t0 = time.perf_counter()
     model, tok = models.load_model(model_spec, dtype=_dtype(args.dtype), device="cpu")
     t_load = time.perf_counter() - t0
-    ctx = getattr(model.config, "max_position_embeddings", None)
+    from .adapters import adapter_for
+
+    lm_conf = adapter_for(model).lm_config(model.config)
+    ctx = getattr(lm_conf, "max_position_embeddings", None)
     if ctx is not None and args.seqlen > ctx:
         raise UserError(f"--seqlen {args.seqlen} exceeds the model's context of {ctx} tokens")
-    _check_activation_memory(args, getattr(model.config, "hidden_size", None))
+    _check_activation_memory(args, getattr(lm_conf, "hidden_size", None))
     tokens, calib_info = _calibration(calib, calib_text, args, tok, data)
     eval_sets = {e: data.eval_windows(tok, t, args.seqlen, args.eval_windows, bos=args.bos)
                  for e, t in eval_texts.items()}

@@ -69,8 +69,9 @@ def _validate_meta(meta, config, adapter, n_blocks: int, where: Path) -> tuple[l
             raise bad(f"lists {len(meta[key])} {key} entries for a model of {n_blocks} blocks")
         if not all(_is_int(x) for x in meta[key]):
             raise bad(f"{key} must hold integers, got {meta[key][:8]}")
-    _, _, hd = adapter.head_geometry(config)
-    width = getattr(config, adapter.mlp_size_key, None)
+    lm = adapter.lm_config(config)
+    _, _, hd = adapter.head_geometry(lm)
+    width = getattr(lm, adapter.mlp_size_key, None)
     for i, (dv, w) in enumerate(zip(meta["v_head_dim"], meta["mlp_width"])):
         if not 1 <= dv <= hd:
             raise bad(f"v_head_dim[{i}] = {dv} is outside [1, {hd}] (the query/key head size)")
@@ -88,8 +89,31 @@ def _tensor_table(p: Path, arg: str = "path") -> dict[str, tuple[Path, dict]]:
         for name, t in safetensors_header(f, arg).items():
             if name in table:
                 raise UserError(f"{arg}: tensor {name!r} is stored twice ({table[name][0].name} and {f.name})")
-            table[name] = (f, t)
+            table[name] = (f, {**t, "name": name})  # "name": as stored, if the table is re-keyed
     return table
+
+
+def _native_names(model, stored: set[str]) -> dict[str, str]:
+    """{stored name: the model's own name} for the tensors transformers stores under other names.
+
+    transformers 5 writes some models in their original checkpoint layout (the multimodal Gemma 3:
+    ``language_model.model.layers.N...`` for the model's ``model.language_model.layers.N...``) and
+    renames them back when loading; a checkpoint read tensor by tensor needs the same renaming. Each
+    of the model's names is passed through transformers' own reverse mapping (one-to-one renamings
+    only); a transformers without it, or a name it does not rename, maps to itself."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # pragma: no cover - a transformers without weight conversions
+        return {}
+    out = {}
+    for name, t in model.state_dict().items():
+        try:
+            saved = list(revert_weight_conversion(model, {name: t}))
+        except Exception:  # a many-to-one conversion (merged experts): not a rename
+            continue
+        if len(saved) == 1 and saved[0] != name and saved[0] in stored:
+            out[saved[0]] = name
+    return out
 
 
 def _tied_keys(model) -> set[str]:
@@ -106,7 +130,7 @@ def _build(config, dtype, meta, adapter, n_check: Path | None = None):
     if meta is not None:
         v_dims, widths, added = meta
         for block, dv, w in zip(adapter.blocks(model), v_dims, widths):
-            adapter.resize_block(block, config, dv, w)
+            adapter.resize_block(block, adapter.lm_config(config), dv, w)
         for name in added:  # biases fitted by the pruning (intercept, FLAP)
             try:
                 lin = model.get_submodule(name)
@@ -157,6 +181,9 @@ class Checkpoint:
             skeleton = _build(self.config, self.dtype, self.meta, self.adapter)
         expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
         tied = _tied_keys(skeleton)
+        if any(k not in expected for k in self.table):  # stored in the original layout: the model's names
+            rename = _native_names(skeleton, set(self.table))
+            self.table = {rename.get(k, k): v for k, v in self.table.items()}
         table = self.table
         missing = [k for k in expected if k not in table and k not in tied and not k.endswith("rotary_emb.inv_freq")]
         unexpected = [k for k in table if k not in expected]
@@ -190,13 +217,13 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     p, table, dtype = ck.path, ck.table, ck.dtype
     model = ck.build()
     by_file: dict[Path, list[str]] = {}
-    for k, (f, _) in table.items():
-        by_file.setdefault(f, []).append(k)
+    for k, (f, t) in table.items():
+        by_file.setdefault(f, []).append((k, t["name"]))
     state = {}
     for f, keys in by_file.items():
         with safe_open(str(f), framework="pt") as sf:
-            for k in keys:
-                state[k] = sf.get_tensor(k)
+            for k, stored in keys:
+                state[k] = sf.get_tensor(stored)
     model.load_state_dict(state, strict=False)
     model.tie_weights()
     gen = p / "generation_config.json"

@@ -506,7 +506,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
     adapter = adapter_for(model)
     tokens = _as_tokens(calibration)
     _check_token_range(tokens, model)
-    mcfg = model.config
+    mcfg = adapter.lm_config(model.config)
     ctx = adapter.max_context(mcfg)
     if ctx is not None and tokens.shape[1] > ctx:
         raise ValueError(f"seqlen {tokens.shape[1]} exceeds the model's context of {ctx} tokens")
@@ -758,13 +758,13 @@ def _biased_linears(model: nn.Module) -> set[str]:
 def _record_sizes(adapter: Adapter, model: nn.Module, report: PruneReport, biased_before: set[str]) -> None:
     """Write the per-block sizes (and biases the pruning added) into the config, so the pruned
     architecture can be rebuilt by load_pruned."""
-    cfg = model.config
+    cfg, lm = model.config, adapter.lm_config(model.config)
     blocks = adapter.blocks(model)
-    n, kv, hd = adapter.head_geometry(cfg)
-    v_dims = [adapter.value_head_dim(b, cfg) for b in blocks]
+    n, kv, hd = adapter.head_geometry(lm)
+    v_dims = [adapter.value_head_dim(b, lm) for b in blocks]
     widths = [adapter.mlp_width(b) for b in blocks]
     if len(set(widths)) == 1:
-        setattr(cfg, adapter.mlp_size_key, widths[0])
+        setattr(lm, adapter.mlp_size_key, widths[0])
     added = sorted(_biased_linears(model) - biased_before)
     if any(d != hd for d in v_dims) or len(set(widths)) > 1 or added:
         cfg.fasp_ext = {"version": 1, "v_head_dim": v_dims, "mlp_width": widths, "added_bias": added}

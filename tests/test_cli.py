@@ -178,3 +178,24 @@ def test_merge_spells_out_the_allocation_of_rows_from_before_the_default_changed
                     ("wanda-sp", "uniform"): 5.0, ("fasp", "flap"): 2.0}
     with pytest.raises(SystemExit, match="settings differ"):
         mc.merge([old, dict(new, seqlen=16)], ["a.json", "b.json"])
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_prune_multimodal_gemma3(texts, tmp_path, capsys, lazy):
+    """A Gemma3ForConditionalGeneration folder (saved in transformers' original layout) prunes from
+    the command line, in memory and --lazy alike, and the output reloads and evaluates."""
+    from tiny_models import tiny_family
+
+    src = tmp_path / "gemma3"
+    tiny_family("gemma3").save_pretrained(src)
+    _tokenizer().save_pretrained(src)
+    out = tmp_path / "pruned"
+    args = _prune_args(src, texts, out, "--sparsity", "0.25", "--seqlen", "24")
+    if lazy:
+        args = [a for a in args if a not in ("--eval", str(texts / "eval.txt"))] + ["--lazy"]
+    assert main(args) == 0
+    rep = json.loads((out / "fasp_report.json").read_text())
+    assert rep["params_after"] < rep["params_before"]
+    assert load_pruned(out).config.model_type == "gemma3"
+    assert main(["eval", "--model", str(out), "--data", str(texts / "eval.txt"), "--seqlen", "24",
+                 "--eval-windows", "4", "--quiet", "--json", str(tmp_path / "e.json")]) == 0

@@ -12,7 +12,7 @@ import torch
 
 from fasp_ext.adapters import adapter_for
 from fasp_ext.pipeline import PruneConfig, prune
-from tiny_models import FAMILIES, random_tokens, tiny_family
+from tiny_models import FAMILIES, random_tokens, tiny_family, vocab_size
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -37,14 +37,14 @@ def _logits(model, tokens):
                          ids=["uniform", "default", "one-pass", "wanda-sp"])
 def test_cuda_prune_equals_cpu_prune(family, kw):
     a, b = tiny_family(family), tiny_family(family)
-    tokens = random_tokens(N, SEQ, vocab=a.config.vocab_size)
+    tokens = random_tokens(N, SEQ, vocab=vocab_size(a))
     ra = prune(a, tokens, PruneConfig(sparsity=0.3, batch_size=BATCH, progress=False, **kw))
     rb = prune(b, tokens, PruneConfig(sparsity=0.3, batch_size=BATCH, progress=False, device="cuda", **kw))
     assert next(b.parameters()).device.type == "cpu"  # the model comes back where it was
     assert ra.params_after == rb.params_after < ra.params_before
     sa, sb = a.state_dict(), b.state_dict()
     assert {k: v.shape for k, v in sa.items()} == {k: v.shape for k, v in sb.items()}
-    held = random_tokens(3, SEQ, vocab=a.config.vocab_size, seed=7)
+    held = random_tokens(3, SEQ, vocab=vocab_size(a), seed=7)
     la, lb = _logits(a, held), _logits(b, held)
     rel = float((la - lb).norm() / la.norm())
     assert rel < 1e-3, f"{family} {kw}: pruned on CUDA vs on CPU, relative logit difference {rel:.2e}"
@@ -54,7 +54,7 @@ def test_cuda_prune_equals_cpu_prune(family, kw):
 def test_cuda_stream_matches_pruned_model(family):
     """The hidden states the pipeline hands to block i on the GPU equal the pruned model's own."""
     model = tiny_family(family)
-    tokens = random_tokens(N, SEQ, vocab=model.config.vocab_size)
+    tokens = random_tokens(N, SEQ, vocab=vocab_size(model))
     blocks = adapter_for(model).blocks(model)
     seen = [[] for _ in blocks]
     hs = [b.register_forward_pre_hook(

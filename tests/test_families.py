@@ -14,7 +14,7 @@ import fasp_ext
 from fasp_ext import data as D
 from fasp_ext.adapters import adapter_for, check_supported_config, supported_model_types
 from fasp_ext.pipeline import PruneConfig, prune
-from tiny_models import FAMILIES, random_tokens, tiny_family
+from tiny_models import FAMILIES, random_tokens, tiny_family, vocab_size
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -23,7 +23,7 @@ def test_value_pruned_forward_is_the_stock_forward(family):
     heads) computes exactly what the family's own forward does: q/k norms, scaling, RoPE (per layer
     type), sliding windows and soft-capping included."""
     model = tiny_family(family)
-    tokens = random_tokens(3, 20, vocab=model.config.vocab_size)
+    tokens = random_tokens(3, 20, vocab=vocab_size(model))
     with torch.no_grad():
         ref = model(tokens).logits
     a = adapter_for(model)
@@ -38,7 +38,7 @@ def test_value_pruned_forward_is_the_stock_forward(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prune_save_reload_same_logits(family, tmp_path):
     model = tiny_family(family)
-    tokens = random_tokens(6, 24, vocab=model.config.vocab_size)
+    tokens = random_tokens(6, 24, vocab=vocab_size(model))
     before = fasp_ext.pipeline.count_params(model)
     rep = prune(model, tokens, PruneConfig(sparsity=0.3, progress=False))  # default (non-uniform) allocation
     assert rep.params_after < before
@@ -98,9 +98,8 @@ def test_check_supported_config_before_weights(tmp_path):
         check_supported_config(folder)
     with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
         check_supported_config(folder / "config.json")
-    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
-    with pytest.raises(ValueError, match="gemma3_text"):
-        check_supported_config(folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3"}))  # the multimodal Gemma 3
+    assert check_supported_config(folder) == "gemma3"
     (folder / "config.json").write_text(json.dumps({"vocab_size": 3}))
     with pytest.raises(ValueError, match="model_type"):
         check_supported_config(folder)
@@ -161,3 +160,32 @@ def test_calibration_windows_start_with_bos():
     w2 = D.calibration_windows(_tokenizer(False), _text(200), nsamples=5, seqlen=12, seed=3)
     assert (w2[:, 0] != 1001).all() and all(
         r.tolist() == list(range(int(r[0]), int(r[0]) + 12)) for r in w2)
+
+
+def test_multimodal_gemma3_prunes_the_language_model_only(tmp_path):
+    """Gemma3ForConditionalGeneration: the text blocks are pruned from text-only calibration; the
+    vision tower and projector are untouched, and the pruned model (reloaded too) still reads an
+    image."""
+    from fasp_ext.io import load_pruned, save_pruned
+
+    model = tiny_family("gemma3")
+    cfg = model.config
+    keep = {k: v.clone() for k, v in model.state_dict().items() if "language_model" not in k and "lm_head" not in k}
+    assert any(k.startswith("model.vision_tower.") for k in keep)
+    prune(model, random_tokens(6, 24, vocab=vocab_size(model)), PruneConfig(sparsity=0.3, progress=False))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in keep.items())
+    blocks = adapter_for(model).blocks(model)
+    assert all(b.mlp.down_proj.in_features < cfg.text_config.intermediate_size for b in blocks)
+    # one image: its tokens between the boundary tokens, as the processor lays them out
+    n_img = cfg.mm_tokens_per_image
+    ids = torch.tensor([[5, 6, cfg.boi_token_index] + [cfg.image_token_index] * n_img + [cfg.eoi_token_index, 7, 8]])
+    pixels = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == cfg.image_token_index).long()).logits
+    assert torch.isfinite(ref).all()
+    save_pruned(model, tmp_path / "out")
+    again = load_pruned(tmp_path / "out")
+    with torch.no_grad():
+        got = again(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == cfg.image_token_index).long()).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

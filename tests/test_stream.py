@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fasp_ext.pipeline import PruneConfig, prune
-from tiny_models import FAMILIES, random_tokens, tiny_family
+from tiny_models import FAMILIES, random_tokens, tiny_family, vocab_size
 
 N, SEQ, BATCH = 5, 24, 2  # a last batch smaller than the others exercises per-shape arguments
 
@@ -43,7 +43,7 @@ def _check_stream(family, cfg_kwargs):
     from fasp_ext.adapters import adapter_for
 
     model = tiny_family(family)
-    tokens = random_tokens(N, SEQ, vocab=model.config.vocab_size)
+    tokens = random_tokens(N, SEQ, vocab=vocab_size(model))
     blocks = adapter_for(model).blocks(model)
     nb = -(-N // BATCH)
     seen, handles = _record_block_inputs(model, blocks)
@@ -78,7 +78,7 @@ def test_stream_mlp_only_and_wanda(family):
 def test_one_pass_stream_is_the_dense_model(family):
     """One-pass mode hands every block the dense model's stream, with that block's own arguments."""
     model = tiny_family(family)
-    tokens = random_tokens(N, SEQ, vocab=model.config.vocab_size)
+    tokens = random_tokens(N, SEQ, vocab=vocab_size(model))
     ref = _model_stream(model, tokens)
     from fasp_ext.adapters import adapter_for
 
@@ -100,7 +100,7 @@ def test_blocks_get_their_own_arguments():
     from fasp_ext.calibration import capture_block_inputs, run_block
 
     model = tiny_family("qwen2")
-    tokens = random_tokens(N, SEQ, vocab=model.config.vocab_size)
+    tokens = random_tokens(N, SEQ, vocab=vocab_size(model))
     blocks = model.model.layers
     ref = _model_stream(model, tokens)
     inputs = capture_block_inputs(model, blocks, tokens, BATCH, torch.device("cpu"))
@@ -140,7 +140,7 @@ def test_later_passes_replay_the_pruned_attention(family):
     projection on the stored inputs, and the result equals recomputing it (nothing stored)."""
     from fasp_ext.adapters import adapter_for
 
-    tokens = random_tokens(N, SEQ, vocab=tiny_family(family).config.vocab_size)
+    tokens = random_tokens(N, SEQ, vocab=vocab_size(tiny_family(family)))
     nb = -(-N // BATCH)
     calls, last = {}, {}
     for budget in (2 << 30, 0):  # 0: nothing may be stored, so every pass recomputes the block
@@ -170,7 +170,7 @@ def test_replay_mismatch_falls_back_to_the_real_attention(monkeypatch, caplog):
 
     monkeypatch.setattr(calibration, "_REPLAY_ARITY", {})
     model = tiny_family("llama")
-    tokens = random_tokens(N, SEQ, vocab=model.config.vocab_size)
+    tokens = random_tokens(N, SEQ, vocab=vocab_size(model))
     blocks = model.model.layers
     inputs = capture_block_inputs(model, blocks, tokens, BATCH, torch.device("cpu")).at(0)
     want = run_block(blocks[0], inputs)
@@ -196,7 +196,7 @@ def test_mlp_pass_never_runs_the_dense_down_projection(family):
     model = tiny_family(family)
     ad = adapter_for(model)
     blocks = ad.blocks(model)
-    tokens = random_tokens(N, SEQ, vocab=model.config.vocab_size)
+    tokens = random_tokens(N, SEQ, vocab=vocab_size(model))
     calls = [0]
     handles = [ad.mlp_pair(b)[1].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
                for b in blocks]

@@ -57,6 +57,12 @@ def _family_config(family: str, attn_impl: str):
                                   rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                                    "sliding_attention": {"rope_type": "default",
                                                                          "rope_theta": 10.0}})
+    elif family == "gemma3":  # the multimodal Gemma 3: the text model above inside, plus a tiny vision tower
+        text = _family_config("gemma3_text", attn_impl).to_dict()
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                              boi_token_index=94, eoi_token_index=95, image_token_index=96)
     elif family == "phi3":  # fused qkv_proj and gate_up_proj, partial rotary
         kw = dict(common)
         kw.pop("head_dim")
@@ -71,7 +77,7 @@ def _family_config(family: str, attn_impl: str):
     return cfg
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "opt")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3", "opt")
 
 
 def tiny_family(family: str, seed: int = 0, attn_impl: str = "sdpa"):
@@ -91,3 +97,12 @@ def tiny_family(family: str, seed: int = 0, attn_impl: str = "sdpa"):
             if any(k in n for k in ("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
                 p.mul_(8.0)  # attention logits of order 10: soft-capping and scaling matter
     return m
+
+
+def vocab_size(model) -> int:
+    """Token ids random test windows may use: the vocabulary, less a multimodal model's image and
+    image-boundary tokens (the tiny Gemma 3 puts them at the top)."""
+    cfg = model.config
+    if hasattr(cfg, "text_config"):
+        return min(cfg.boi_token_index, cfg.eoi_token_index, cfg.image_token_index)
+    return cfg.vocab_size

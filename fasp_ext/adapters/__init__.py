@@ -6,17 +6,15 @@ import json
 import os
 
 from .base import Adapter
-from .llama import Gemma2Adapter, Gemma3TextAdapter, LlamaAdapter
+from .llama import Gemma2Adapter, Gemma3Adapter, Gemma3TextAdapter, LlamaAdapter
 from .opt import OPTAdapter
 from .phi3 import Phi3Adapter
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter, Gemma2Adapter, Gemma3TextAdapter, OPTAdapter, Phi3Adapter]
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter, Gemma2Adapter, Gemma3TextAdapter, Gemma3Adapter, OPTAdapter,
+                                 Phi3Adapter]
 
 #: model types whose language model is supported under another model type, with a hint
-_HINTS = {
-    "gemma3": "this is the multimodal Gemma 3 (Gemma3ForConditionalGeneration); prune a text-only Gemma 3 "
-              "checkpoint (model_type 'gemma3_text', e.g. Gemma3-270M) instead",
-}
+_HINTS: dict[str, str] = {}
 
 
 def supported_model_types() -> list[str]:

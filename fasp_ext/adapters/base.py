@@ -87,11 +87,18 @@ class Adapter:
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
 
+    def lm_config(self, config):
+        """The config of the language model whose blocks are pruned: the model's own, or the text
+        part of a multimodal model's (Gemma3ForConditionalGeneration's ``text_config``). The methods
+        below that take a config take either."""
+        return config
+
     def max_context(self, config) -> int | None:
-        return getattr(config, "max_position_embeddings", None)
+        return getattr(self.lm_config(config), "max_position_embeddings", None)
 
     def head_geometry(self, config) -> tuple[int, int, int]:
         """(num query heads, num kv heads, query/key head size)."""
+        config = self.lm_config(config)
         n = config.num_attention_heads
         kv = getattr(config, "num_key_value_heads", None) or n
         hd = getattr(config, "head_dim", None) or config.hidden_size // n

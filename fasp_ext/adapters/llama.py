@@ -84,3 +84,17 @@ class Gemma3TextAdapter(GemmaNormAdapter):
     with their own RoPE base."""
 
     model_types = ("gemma3_text",)
+
+
+class Gemma3Adapter(Gemma3TextAdapter):
+    """The language model inside the multimodal Gemma 3 (``Gemma3ForConditionalGeneration``, model
+    type ``gemma3``: Gemma 3 4B/12B/27B): its text blocks are pruned as Gemma 3 text blocks, from
+    text-only calibration; the vision tower and the projector are kept as they are."""
+
+    model_types = ("gemma3",)
+
+    def blocks(self, model):
+        return model.model.language_model.layers
+
+    def lm_config(self, config):
+        return getattr(config, "text_config", None) or config
