@@ -98,21 +98,29 @@ def _native_names(model, stored: set[str]) -> dict[str, str]:
 
     transformers 5 writes some models in their original checkpoint layout (the multimodal Gemma 3:
     ``language_model.model.layers.N...`` for the model's ``model.language_model.layers.N...``) and
-    renames them back when loading; a checkpoint read tensor by tensor needs the same renaming. Each
-    of the model's names is passed through transformers' own reverse mapping (one-to-one renamings
-    only); a transformers without it, or a name it does not rename, maps to itself."""
+    renames them back when loading; a checkpoint read tensor by tensor needs the same renaming. The
+    model's state dict goes through transformers' own reverse mapping once, and each stored name is
+    matched to the tensor it came from (one-to-one renamings only: a merged tensor matches nothing).
+    A transformers without that mapping, or a name it does not rename, maps to itself."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # pragma: no cover - a transformers without weight conversions
         return {}
+    sd = model.state_dict()
+    try:
+        saved = revert_weight_conversion(model, dict(sd))
+    except Exception:  # pragma: no cover - a conversion that needs real tensors
+        return {}
+    by_id: dict[int, list[str]] = {}
+    for name, t in sd.items():
+        by_id.setdefault(id(t), []).append(name)
     out = {}
-    for name, t in model.state_dict().items():
-        try:
-            saved = list(revert_weight_conversion(model, {name: t}))
-        except Exception:  # a many-to-one conversion (merged experts): not a rename
-            continue
-        if len(saved) == 1 and saved[0] != name and saved[0] in stored:
-            out[saved[0]] = name
+    for key, t in saved.items():
+        names = by_id.get(id(t), [])
+        if len(names) > 1:  # tied copies share a tensor: rename each on its own
+            names = [n for n in names if list(revert_weight_conversion(model, {n: t})) == [key]]
+        if len(names) == 1 and names[0] != key and key in stored:
+            out[key] = names[0]
     return out
 
 
