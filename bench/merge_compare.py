@@ -21,19 +21,26 @@ SETTINGS = ("model", "calib", "nsamples", "seqlen", "seed", "evals", "eval_windo
 
 
 def explicit(row: dict) -> dict:
-    """A row from before allocation defaults depended on the method (no "allocation" field: every
-    method then pruned blocks uniformly unless its spec said otherwise) gets that field, and its
-    spec spells out ``allocation=uniform`` where today's default for the method differs."""
-    from fasp_ext.pipeline import DEFAULT_ALLOCATION
+    """A row labelled as today's defaults read it: a spec that leaves the allocation to the method's
+    default spells out the allocation the row was run with where today's default differs (rows from
+    before the field existed ran uniform), and a window count equal to today's default for the
+    row's allocation is dropped. So "fasp" always means FASP as it prunes today."""
+    from fasp_ext.pipeline import ALLOCATION_SAMPLES, DEFAULT_ALLOCATION
 
-    if row["method"] == "dense" or "allocation" in row:
+    if row["method"] == "dense":
         return row
-    name, _, opts = row["method"].partition(":")
-    given = dict(o.split("=", 1) for o in opts.split(",") if "=" in o)
-    row = dict(row, allocation=given.get("allocation", "uniform"))
-    if "allocation" not in given and DEFAULT_ALLOCATION.get(name, "uniform") != "uniform":
-        row["method"] = f"{row['method']}{',' if opts else ':'}allocation=uniform"
-    return row
+    head, _, suffix = row["method"].partition(" ")  # "fasp (cap 2x)": the spec, then a free note
+    name, _, opts = head.partition(":")
+    parts = [o for o in opts.split(",") if o]
+    given = dict(o.split("=", 1) for o in parts if "=" in o)
+    rec = row.get("allocation", given.get("allocation", "uniform"))
+    default = DEFAULT_ALLOCATION.get(name, "uniform")
+    if "allocation" not in given and rec != default:
+        parts.append(f"allocation={rec}")
+    if rec == default and given.get("allocation_samples") == str(ALLOCATION_SAMPLES.get(rec)):
+        parts = [o for o in parts if not o.startswith(("allocation_samples=", f"allocation={rec}"))]
+    label = name + (":" + ",".join(parts) if parts else "") + (" " + suffix if suffix else "")
+    return dict(row, allocation=rec, method=label)
 
 
 def merge(parts: list[dict], sources: list[str]) -> dict:

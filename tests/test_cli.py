@@ -171,11 +171,19 @@ def test_merge_spells_out_the_allocation_of_rows_from_before_the_default_changed
                            {"method": "fasp:damp=auto", "sparsity": 0.3, "e": 4.0},
                            {"method": "fasp:allocation=flap", "sparsity": 0.3, "e": 2.0},
                            {"method": "wanda-sp", "sparsity": 0.3, "e": 5.0}])
-    new = dict(base, rows=[{"method": "fasp", "sparsity": 0.3, "e": 2.0, "allocation": "flap"}])
+    new = dict(base, rows=[{"method": "fasp", "sparsity": 0.3, "e": 2.5, "allocation": "flap"},  # the old default
+                           {"method": "fasp (cap 2x)", "sparsity": 0.3, "e": 2.7, "allocation": "flap"},
+                           {"method": "fasp:allocation_samples=16", "sparsity": 0.3, "e": 6.0, "allocation": "flap"},
+                           # today's default spelled out: FASP as it prunes today, so plain "fasp"
+                           {"method": "fasp:allocation=error,allocation_samples=16", "sparsity": 0.3, "e": 1.5,
+                            "allocation": "error"},
+                           {"method": "fasp:allocation_samples=32", "sparsity": 0.3, "e": 1.6, "allocation": "error"}])
     rows = {(r["method"], r.get("allocation")): r["e"] for r in mc.merge([old, new], ["a.json", "b.json"])["rows"]}
     assert rows == {("dense", None): 1.0, ("fasp:allocation=uniform", "uniform"): 3.0,
-                    ("fasp:damp=auto,allocation=uniform", "uniform"): 4.0, ("fasp:allocation=flap", "flap"): 2.0,
-                    ("wanda-sp", "uniform"): 5.0, ("fasp", "flap"): 2.0}
+                    ("fasp:damp=auto,allocation=uniform", "uniform"): 4.0, ("fasp:allocation=flap", "flap"): 2.5,
+                    ("wanda-sp", "uniform"): 5.0, ("fasp:allocation=flap (cap 2x)", "flap"): 2.7,
+                    ("fasp:allocation_samples=16,allocation=flap", "flap"): 6.0, ("fasp", "error"): 1.5,
+                    ("fasp:allocation_samples=32", "error"): 1.6}
     with pytest.raises(SystemExit, match="settings differ"):
         mc.merge([old, dict(new, seqlen=16)], ["a.json", "b.json"])
 
