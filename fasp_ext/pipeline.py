@@ -133,11 +133,10 @@ class PruneConfig:
                 raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("allocation_samples", "allocation_seqlen"):
-            if getattr(self, name) is None and name == "allocation_samples":
-                continue
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("allocation_samples", "allocation_seqlen"):  # allocation_samples None: the default
+            v = getattr(self, name)
+            if not (v is None and name == "allocation_samples") and int(v) < 0:
+                raise ValueError(f"{name} must be >= 0, got {v!r}")
         for name in ("mlp_multiple", "attn_multiple", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")

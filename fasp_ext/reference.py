@@ -192,6 +192,12 @@ def score_select(W, s, k: int, groups=None, segments: int = 1) -> torch.Tensor:
     return select_top(scores, k, segments)
 
 
+def next_lambda(lam: float, mean_diag: float) -> float:
+    """The damping of the next attempt after a failed factorisation (csrc/fasp_math.h's twin):
+    ten times more, or 1e-6 * mean(diag H) after an undamped attempt."""
+    return lam * 10.0 if lam > 0 else 1e-6 * mean_diag
+
+
 def restore(W, H, kept, damp: float, use_fp64: bool = False, max_retries: int = 4):
     """W' = W[:, S] + W[:, R] H[R, S] (H[S, S] + lambda I)^-1, lambda = damp * mean(diag H[S, S]).
 
@@ -233,7 +239,7 @@ def restore(W, H, kept, damp: float, use_fp64: bool = False, max_retries: int = 
             if bool(torch.isfinite(X).all()):
                 path = PATH_CHOLESKY if attempt == 0 else PATH_CHOLESKY_RETRY
                 return finish(X).to(W.dtype).contiguous(), report(path, lam, attempts)
-        lam = lam * 10.0 if lam > 0 else 1e-6 * mean_diag
+        lam = next_lambda(lam, mean_diag)
     # eigen fallback: pseudo-inverse with eigenvalues below a relative floor dropped
     evals, evecs = torch.linalg.eigh(Hss + lam * eye)
     floor = evals.abs().max() * k * torch.finfo(ct).eps

@@ -139,7 +139,7 @@ def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups:
     the kept block is L_RR L_RR^T), and the last r rows of ``L^T W^T`` are exactly ``L_RR^T W_R^T``;
     so e[n] is a suffix sum of the squared row norms of one triangular product.
     """
-    from .reference import column_scores
+    from .reference import column_scores, next_lambda
 
     units, _, _ = _check_units("score_order_curve", W, H, 0, groups, segments)
     G, r = units.shape
@@ -158,7 +158,7 @@ def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups:
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
             break
-        lam = lam * 10.0 if lam > 0 else 1e-6 * mean_diag
+        lam = next_lambda(lam, mean_diag)
     if int(info) != 0:
         raise RuntimeError("score_order_curve: H + damping is not positive definite (NaN or Inf in H?)")
     Y = L.t() @ W.detach().double()[:, cols].t()                 # (m, out), upper triangular L^T

@@ -13,17 +13,13 @@ from .phi3 import Phi3Adapter
 ADAPTERS: list[type[Adapter]] = [LlamaAdapter, Gemma2Adapter, Gemma3TextAdapter, Gemma3Adapter, OPTAdapter,
                                  Phi3Adapter]
 
-#: model types whose language model is supported under another model type, with a hint
-_HINTS: dict[str, str] = {}
-
 
 def supported_model_types() -> list[str]:
     return sorted(t for a in ADAPTERS for t in a.model_types)
 
 
 def _unsupported(mt) -> ValueError:
-    hint = f" ({_HINTS[mt]})" if mt in _HINTS else ""
-    return ValueError(f"model: unsupported architecture {mt!r}{hint}; fasp_ext supports "
+    return ValueError(f"model: unsupported architecture {mt!r}; fasp_ext supports "
                       f"{', '.join(supported_model_types())}")
 
 
