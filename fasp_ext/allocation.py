@@ -141,10 +141,10 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> list[
         hooks, st_o, st_d = [], None, None
         if cfg.attn_fraction > 0:
             st_o = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram)
-            hooks.append(collect(adapter.value_pair(block)[1], st_o))
+            hooks.append(collect(adapter.value_pair(block)[1], st_o, norm=cfg.output_norm(adapter, block, "attn")))
         if cfg.mlp_fraction > 0:
             st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, device, need_gram)
-            hooks.append(collect(adapter.mlp_pair(block)[1], st_d))
+            hooks.append(collect(adapter.mlp_pair(block)[1], st_d, norm=cfg.output_norm(adapter, block, "mlp")))
         energy_in = stream_energy(inputs.hidden, device) if need_gram else 0.0
         with timer("allocation_forward"):
             outs = run_block(block, inputs.at(i), keep_outputs=True)
@@ -172,7 +172,7 @@ def block_costs(adapter, block, mcfg, cfg, st_o: Stats | None, st_d: Stats | Non
     counts, the cost of each removal step and the parameters one unit weighs (None: not pruned).
     ``st_o``/``st_d``: statistics of the output projections' inputs on the dense stream (with the Gram
     matrix for the "error" allocation, which also needs the stream's energy entering and leaving)."""
-    from .pipeline import kept_count, value_groups
+    from .pipeline import judged_weight, kept_count, value_groups
 
     entry = []
     for st, frac, which in ((st_o, cfg.attn_fraction, "attn"), (st_d, cfg.mlp_fraction, "mlp")):
@@ -182,10 +182,12 @@ def block_costs(adapter, block, mcfg, cfg, st_o: Stats | None, st_d: Stats | Non
         if which == "attn":
             v, o = adapter.value_pair(block)
             n, kv, _ = adapter.head_geometry(mcfg)
-            full, step, W = v.out_features // kv, cfg.attn_multiple, o.weight
+            full, step = v.out_features // kv, cfg.attn_multiple
+            W = judged_weight(cfg, adapter, block, "attn", o.weight)
             groups, segments = value_groups(n, kv, full, W.device), kv
         else:
-            full, step, W = adapter.mlp_width(block), cfg.mlp_multiple, adapter.mlp_pair(block)[1].weight
+            full, step = adapter.mlp_width(block), cfg.mlp_multiple
+            W = judged_weight(cfg, adapter, block, "mlp", adapter.mlp_pair(block)[1].weight)
             groups, segments = None, 1
         cap = cfg.max_block_sparsity if cfg.max_block_sparsity is not None else min(0.9, DEFAULT_CAP * frac)
         lowest = kept_count(full, min(cap, 1.0 - 1.0 / full), step)

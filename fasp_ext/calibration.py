@@ -195,16 +195,25 @@ class Stats:
         """Sum the statistics of every process (torch.distributed); a no-op in a single process."""
         if distributed.active():
             distributed.all_reduce_(self.s, self.H, self.mu, self.H_val, self.mu_val, self.D)
-            self.n, self.n_val = (int(v) for v in distributed.all_reduce_numbers(self.n, self.n_val,
-                                                                                 device=self.s.device))
+            sums = distributed.all_reduce_numbers(self.n, self.n_val, device=self.s.device)
+            # token counts stay integers; weighted sums (``add``'s weight) are floats
+            self.n, self.n_val = (v if isinstance(o, float) else int(v) for v, o in zip(sums, (self.n, self.n_val)))
         return self
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Count the inputs ``x`` (..., m). ``weight`` (one per token, x's leading shape): token t then
+        counts weight_t^2 times, i.e. s, H, mu, n (and the held-out and dense-target sums) are those of
+        weight_t * x_t; the stored inputs stay as they are."""
         m = x.shape[-1]
         x2 = x.reshape(-1, m)
-        ops.accumulate_stats(x2, self.s, self.H)
-        self.mu += x2.sum(0, dtype=torch.float32)
-        self.n += x2.shape[0]
+        if weight is None:
+            xs, wsq = x2, None
+        else:
+            w = weight.reshape(-1, 1).float()
+            xs, wsq = x2.float() * w, w.square()
+        ops.accumulate_stats(xs, self.s, self.H)
+        self.mu += x2.sum(0, dtype=torch.float32) if wsq is None else (x2.float() * wsq).sum(0)
+        self.n += x2.shape[0] if wsq is None else float(wsq.sum())
         if self.store is not None:  # the correction's inputs live where the hidden states live
             self.store.append(x.detach().to(self.store_device) if self.store_device is not None else x.detach())
         if self.dense is not None:
@@ -213,17 +222,24 @@ class Stats:
                 raise RuntimeError("fasp_ext: dense and pruned calibration batches differ in size")
             if self.D is None:
                 self.D = torch.zeros(m, m, device=x.device)
-            self.D.addmm_(xd.t().float(), x2.float())
+            self.D.addmm_((xd.float() if wsq is None else xd.float() * w).t(), xs.float())
             self.batches += 1
         b = x.shape[0] if x.dim() > 2 else 1
         if self.val_every:
             idx = torch.arange(self.samples, self.samples + b)
             sel = torch.nonzero(idx % self.val_every == self.val_every - 1).flatten()
             if sel.numel():
-                xv = (x if x.dim() > 2 else x.unsqueeze(0)).index_select(0, sel.to(x.device)).reshape(-1, m)
+                per_sample = (b, -1, m)  # samples first, as x is (batch, tokens, m) or one (tokens, m)
+                sel = sel.to(x.device)
+                xv = xs.reshape(per_sample).index_select(0, sel).reshape(-1, m)
                 ops.accumulate_stats(xv, torch.zeros_like(self.s), self.H_val)
-                self.mu_val += xv.sum(0, dtype=torch.float32)
-                self.n_val += xv.shape[0]
+                if wsq is None:
+                    self.mu_val += xv.sum(0, dtype=torch.float32)
+                    self.n_val += xv.shape[0]
+                else:
+                    wv = wsq.reshape(b, -1, 1).index_select(0, sel).reshape(-1, 1)
+                    self.mu_val += (x2.float().reshape(per_sample).index_select(0, sel).reshape(-1, m) * wv).sum(0)
+                    self.n_val += float(wv.sum())
         self.samples += b
 
 
@@ -241,15 +257,28 @@ def record(module: nn.Module, store: list, device: torch.device | None = None):
         lambda _mod, args: store.append(args[0].detach() if device is None else args[0].detach().to(device)))
 
 
-def collect(module: nn.Module, stats: Stats, stop: bool = False):
-    """A forward pre-hook on ``module`` feeding its input to ``stats`` (and ending the pass if ``stop``)."""
+def collect(module: nn.Module, stats: Stats, stop: bool = False, norm: nn.Module | None = None):
+    """A hook on ``module`` feeding its input to ``stats`` (and ending the pass if ``stop``).
 
-    def hook(_mod, args):
-        stats.add(args[0])
+    ``norm``: the RMS norm ``module``'s output passes through before the residual add. Each token is
+    then weighed by the factor that norm scales it by, 1 / sqrt(mean(y^2) + eps) for the output y the
+    module computed (a forward hook, so the module runs first): an error in y reaches the stream
+    scaled by that factor, so the restoration fits what the model sees."""
+    if norm is None:
+        def hook(_mod, args):
+            stats.add(args[0])
+            if stop:
+                raise _Stop
+
+        return module.register_forward_pre_hook(hook)
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+
+    def weighed(_mod, args, out):
+        stats.add(args[0], weight=out.float().pow(2).mean(-1).add_(eps).rsqrt_())
         if stop:
             raise _Stop
 
-    return module.register_forward_pre_hook(hook)
+    return module.register_forward_hook(weighed)
 
 
 @torch.no_grad()

@@ -63,6 +63,10 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "error for fasp, flap for flap, uniform for the others)")
     p.add_argument("--target", default="pruned", choices=["pruned", "dense"],
                    help="restore toward the pruned model's own outputs (pruned) or the dense model's (dense)")
+    p.add_argument("--token-weighting", default="auto", choices=["auto", "none"],
+                   help="fasp on models that normalise a sublayer's output before the residual add (Gemma 2/3): "
+                        "weigh each calibration token by that norm's scale, so the fit and the choice of units "
+                        "follow the error the model sees (auto, default), or count every token alike (none)")
     p.add_argument("--max-block-sparsity", type=float, default=None,
                    help="with non-uniform allocation, the most any block loses (default: 1.5x sparsity, <= 0.9)")
     p.add_argument("--damp", default=None,
@@ -110,7 +114,7 @@ def _config_from(args):
                       mlp_multiple=args.mlp_multiple, attn_multiple=args.attn_multiple, selection=args.selection,
                       allocation=args.allocation, max_block_sparsity=args.max_block_sparsity, target=args.target,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
-                      offload_activations=args.offload_activations)
+                      offload_activations=args.offload_activations, token_weighting=args.token_weighting)
     if args.damp is not None:
         cfg.damp = _parse_damp(args.damp)
     cfg.validate()

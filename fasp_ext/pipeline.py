@@ -36,6 +36,7 @@ from .calibration import (BlockInputs, BlockMover, Stats, capture_block_inputs, 
 log = logging.getLogger("fasp_ext")
 
 METHODS = ("fasp", "wanda-sp", "flap", "depth2", "magnitude", "random")
+TOKEN_WEIGHTINGS = ("auto", "none")
 #: methods that restore the shrunken projection by least squares (and so need the Gram matrix)
 RESTORING = ("fasp", "depth2")
 SELECTIONS = ("score", "obs", "spap")
@@ -111,6 +112,11 @@ class PruneConfig:
     #: x the pruned model's own inputs) or "dense" (W x_dense, the dense model's output, so errors
     #: of earlier blocks are corrected too; one extra dense forward per block)
     target: str = "pruned"
+    #: how the calibration tokens count in the statistics of a projection whose output the block
+    #: RMS-normalises before the residual add (Gemma 2/3): "auto" (method fasp: each token weighed by
+    #: the factor that norm scales it by, so the restoration, selection and allocation fit the error
+    #: the residual stream receives) or "none" (every token alike, the FASP paper's objective)
+    token_weighting: str = "auto"
     #: seed for the random method and any sampling
     seed: int = 0
     #: memory for what saves a pass, up to this many bytes each: the output projections' inputs
@@ -154,6 +160,9 @@ class PruneConfig:
         mbs = self.max_block_sparsity
         if mbs is not None and (not isinstance(mbs, (int, float)) or not (0.0 < float(mbs) < 1.0)):
             raise ValueError(f"max_block_sparsity must be a number in (0, 1), got {mbs!r}")
+        if self.token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(f"token_weighting must be one of {', '.join(TOKEN_WEIGHTINGS)}, "
+                             f"got {self.token_weighting!r}")
         if self.target not in ("pruned", "dense"):
             raise ValueError(f"target must be 'pruned' or 'dense', got {self.target!r}")
         if self.target == "dense":
@@ -188,6 +197,13 @@ class PruneConfig:
         if self.allocation_samples is not None:
             return int(self.allocation_samples)
         return ALLOCATION_SAMPLES.get(self.allocation_kind, 32)
+
+    def output_norm(self, adapter, block, which: str):
+        """The norm whose scale weighs the tokens in the statistics of the ``which`` ("attn" or "mlp")
+        output projection's inputs (``token_weighting``), None: every token alike."""
+        if self.token_weighting != "auto" or self.method != "fasp":
+            return None
+        return adapter.output_norm(block, which)
 
     @property
     def selection_damp(self) -> float:
@@ -263,6 +279,19 @@ class _Timer:
 
 
 # ----------------------------------------------------------------------------- selection + restore
+def judged_weight(cfg: PruneConfig, adapter: Adapter, block: nn.Module, which: str, W: torch.Tensor) -> torch.Tensor:
+    """The output projection's weight as the selection and the allocation judge it: where the block
+    normalises the projection's output before the residual add (``cfg.output_norm``), row j scaled by
+    the norm's gain g_j, as an error in output j reaches the stream multiplied by g_j. (The
+    restoration fits each row on its own, so it is unchanged by the scaling.)"""
+    norm = cfg.output_norm(adapter, block, which)
+    if norm is None:
+        return W
+    with torch.no_grad():
+        g = norm(torch.ones(1, W.shape[0], device=W.device, dtype=W.dtype)).reshape(-1).float()
+    return W.float() * g.unsqueeze(1)
+
+
 def _select(cfg: PruneConfig, W: torch.Tensor, stats: Stats, k: int, groups, segments: int,
             gen: torch.Generator) -> torch.Tensor:
     """Kept unit indices (ascending) by ``cfg.method``; units are columns or rows of ``groups``."""
@@ -423,7 +452,8 @@ def _prune_values(adapter, block, config, stats, cfg, gen, keep_per_head) -> tup
         return {"v_head_dim": dv}, None
     dev = o.weight.device
     groups = value_groups(n, kv, dv, dev)
-    kept_groups = _select(cfg, o.weight, stats, kv * keep_per_head, groups, kv, gen)
+    kept_groups = _select(cfg, judged_weight(cfg, adapter, block, "attn", o.weight), stats, kv * keep_per_head,
+                          groups, kv, gen)
     kept_cols = torch.sort(groups[kept_groups].reshape(-1)).values
     col_const = None
     if v.bias is not None:  # o_proj input column (h, c) carries v.bias[g(h)*dv + c] as a constant
@@ -444,7 +474,7 @@ def prune_mlp(adapter: Adapter, block: nn.Module, stats: Stats, cfg: PruneConfig
         k = kept_count(m, cfg.mlp_fraction, cfg.mlp_multiple)
     if k == m:
         return {"mlp_width": m}, None
-    kept = _select(cfg, out.weight, stats, k, None, 1, gen)
+    kept = _select(cfg, judged_weight(cfg, adapter, block, "mlp", out.weight), stats, k, None, 1, gen)
     Wn, bn, info = _restore(out.weight, out.bias, stats, kept, None, cfg, cfg.restores)
     new_out = _set_linear(out, Wn, bn)
     adapter.set_mlp_pair(block, [_shrink_linear(l, rows=kept) for l in ins], new_out)
@@ -606,7 +636,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
                            val_every=val_every)
             st.store_device = inputs.hidden[0].device
             st.dense = x_dense["attn"]
-            h = collect(adapter.value_pair(block)[1], st, stop=True)
+            h = collect(adapter.value_pair(block)[1], st, stop=True, norm=cfg.output_norm(adapter, block, "attn"))
             with timer("forward_attention_stats"):
                 run_block(block, inputs, keep_outputs=False)
             h.remove()
@@ -627,7 +657,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             st.dense = x_dense["mlp"]
             # with the correction the pass stops at the output projection, keeping its inputs and the
             # residual stream it is added to; the block's output is then computed from those
-            hooks = [collect(out, st, stop=can_correct)]
+            hooks = [collect(out, st, stop=can_correct, norm=cfg.output_norm(adapter, block, "mlp"))]
             h_mid: list[torch.Tensor] = []
             if can_correct:
                 hooks.append(record(adapter.mlp_norm(block), h_mid, st.store_device))
@@ -669,12 +699,12 @@ def _one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, p
                     val_every, keep) -> dict:
     """Both statistics from one dense forward of the block; the next block sees the dense output."""
     with timer("forward_stats"):
-        st_o, st_d = _one_pass_stats(adapter, block, inputs, prune_attn, prune_mlp_, need_gram, val_every)
+        st_o, st_d = _one_pass_stats(adapter, block, inputs, cfg, prune_attn, prune_mlp_, need_gram, val_every)
     with timer("solve"):
         return _one_pass_apply(adapter, block, mcfg, st_o, st_d, cfg, gen, keep)
 
 
-def _one_pass_stats(adapter, block, inputs, prune_attn, prune_mlp_, need_gram, val_every,
+def _one_pass_stats(adapter, block, inputs, cfg, prune_attn, prune_mlp_, need_gram, val_every,
                     on_outputs=None) -> tuple[Stats | None, Stats | None]:
     """Statistics of both output projections' inputs from one dense forward of ``block``, whose
     outputs replace ``inputs.hidden`` (``on_outputs(outs)`` sees them first)."""
@@ -682,11 +712,11 @@ def _one_pass_stats(adapter, block, inputs, prune_attn, prune_mlp_, need_gram, v
     if prune_attn:
         st_o = Stats.new(adapter.value_pair(block)[1].in_features, block_device(block), need_gram,
                          val_every=val_every)
-        hooks.append(collect(adapter.value_pair(block)[1], st_o))
+        hooks.append(collect(adapter.value_pair(block)[1], st_o, norm=cfg.output_norm(adapter, block, "attn")))
     if prune_mlp_:
         st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, block_device(block), need_gram,
                          val_every=val_every)
-        hooks.append(collect(adapter.mlp_pair(block)[1], st_d))
+        hooks.append(collect(adapter.mlp_pair(block)[1], st_d, norm=cfg.output_norm(adapter, block, "mlp")))
     outs = run_block(block, inputs, keep_outputs=True)
     for h in hooks:
         h.remove()
@@ -736,9 +766,11 @@ def _one_pass_allocate(adapter, blocks, mcfg, inputs, cfg, device, timer, mover,
     for i in steps_:
         block = mover.fetch(blocks, i, device)
         energies = [stream_energy(inputs.hidden, device) if energy else 0.0]
+        def on_outputs(o):
+            energies.append(stream_energy(o, device) if energy else 0.0)
         with timer("forward_stats"):
-            st_o, st_d = _one_pass_stats(adapter, block, inputs.at(i), prune_attn, prune_mlp_, need_gram, val_every,
-                                         on_outputs=lambda o: energies.append(stream_energy(o, device) if energy else 0.0))
+            st_o, st_d = _one_pass_stats(adapter, block, inputs.at(i), cfg, prune_attn, prune_mlp_, need_gram,
+                                         val_every, on_outputs=on_outputs)
         with timer("allocation_costs"):
             per_block.append(block_costs(adapter, block, mcfg, cfg, st_o, st_d, *energies))
         stats.append((st_o, st_d))

@@ -82,6 +82,11 @@ class Adapter:
     #: norm), when ``mlp_is_residual_branch``: the MLP pass then stops at the output projection and the
     #: pipeline computes the pruned block's output itself (``pipeline._residual_outputs``)
     mlp_norm_name = "post_attention_layernorm"
+    #: the norms applied to the attention's and the MLP's output before the residual add (Gemma 2/3's
+    #: ``post_attention_layernorm`` and ``post_feedforward_layernorm``), None where the output is added
+    #: as it is: what ``output_norm`` returns
+    attn_out_norm_name: str | None = None
+    mlp_out_norm_name: str | None = None
 
     # ---- model level
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -137,6 +142,14 @@ class Adapter:
     def mlp_norm(self, block) -> nn.Module | None:
         """The module whose input is the stream the MLP output is added to (None: not known)."""
         return getattr(block, self.mlp_norm_name, None) if self.mlp_is_residual_branch else None
+
+    def output_norm(self, block, which: str) -> nn.Module | None:
+        """The RMS norm the output projection's result passes through before the residual add
+        (``which``: "attn" or "mlp"), None where it is added as it is. A restored projection's error
+        at a token then reaches the stream divided by that output's RMS there, which is what
+        ``PruneConfig.token_weighting`` weighs the calibration tokens by."""
+        name = self.attn_out_norm_name if which == "attn" else self.mlp_out_norm_name
+        return getattr(block, name, None) if name else None
 
     def mlp_width(self, block) -> int:
         return self.mlp_pair(block)[1].in_features

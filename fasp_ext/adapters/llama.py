@@ -72,6 +72,8 @@ class GemmaNormAdapter(LlamaAdapter):
 
     mlp_is_residual_branch = False
     always_passes_window = True
+    attn_out_norm_name = "post_attention_layernorm"
+    mlp_out_norm_name = "post_feedforward_layernorm"
 
 
 class Gemma2Adapter(GemmaNormAdapter):
