@@ -50,7 +50,8 @@ def main() -> int:
             t = time.perf_counter()
             rep = prune(m, tokens, dataclasses.replace(cfg, sparsity=s, device="cpu"))
             row = {"method": name, "sparsity": s, "params": rep.params_after,
-                   "prune_seconds": time.perf_counter() - t, "allocation": rep.allocation}
+                   "prune_seconds": time.perf_counter() - t, "allocation": rep.allocation,
+                   "token_weighting": rep.token_weighting}
             for e, w in windows.items():
                 row[e] = data.perplexity(m, w, progress=False)
             result["rows"].append(row)

@@ -20,11 +20,14 @@ sys.path.insert(0, str(ROOT))
 SETTINGS = ("model", "calib", "nsamples", "seqlen", "seed", "evals", "eval_windows")
 
 
-def explicit(row: dict) -> dict:
+def explicit(row: dict, weighted: bool = False) -> dict:
     """A row labelled as today's defaults read it: a spec that leaves the allocation to the method's
     default spells out the allocation the row was run with where today's default differs (rows from
     before the field existed ran uniform), and a window count equal to today's default for the
-    row's allocation is dropped. So "fasp" always means FASP as it prunes today."""
+    row's allocation is dropped. With ``weighted`` (the model is one where FASP weighs tokens by the
+    sublayer output norms, as some row of the merge says), a FASP row run without the weighting
+    (rows from before the field existed) says token_weighting=none. So "fasp" always means FASP as
+    it prunes today."""
     from fasp_ext.pipeline import ALLOCATION_SAMPLES, DEFAULT_ALLOCATION
 
     if row["method"] == "dense":
@@ -39,6 +42,9 @@ def explicit(row: dict) -> dict:
         parts.append(f"allocation={rec}")
     if rec == default and given.get("allocation_samples") == str(ALLOCATION_SAMPLES.get(rec)):
         parts = [o for o in parts if not o.startswith(("allocation_samples=", f"allocation={rec}"))]
+    tw = row.get("token_weighting", "none")
+    if weighted and name == "fasp" and tw == "none" and "token_weighting" not in given:
+        parts.append("token_weighting=none")
     label = name + (":" + ",".join(parts) if parts else "") + (" " + suffix if suffix else "")
     return dict(row, allocation=rec, method=label)
 
@@ -50,8 +56,9 @@ def merge(parts: list[dict], sources: list[str]) -> dict:
         if diff:
             raise SystemExit(f"{src}: settings differ from {sources[0]} in {', '.join(diff)}")
     rows: dict[tuple, dict] = {}
+    weighted = any(r.get("token_weighting") == "auto" for p in parts for r in p["rows"])
     for p in parts:
-        for r in map(explicit, p["rows"]):
+        for r in (explicit(r, weighted) for r in p["rows"]):
             rows[(r["method"], round(r["sparsity"], 6))] = r
     dense = [r for k, r in rows.items() if k[0] == "dense"]
     rest = sorted((r for k, r in rows.items() if k[0] != "dense"), key=lambda r: (r["sparsity"], r["method"]))

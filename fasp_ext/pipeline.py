@@ -231,6 +231,9 @@ class PruneReport:
     times: dict[str, float] = field(default_factory=dict)
     calibration_tokens: int = 0
     allocation: str = "uniform"
+    #: "auto" where the tokens were weighed by the sublayer output norms' scale (PruneConfig.token_weighting
+    #: on a family with such norms), "none" where every token counted alike
+    token_weighting: str = "none"
     #: processes that shared the calibration windows (torch.distributed) and the tokens each one saw
     world_size: int = 1
     tokens_per_rank: list[int] = field(default_factory=list)
@@ -555,6 +558,8 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
     was_training = model.training
     model.eval()
     blocks = adapter.blocks(model)
+    if any(cfg.output_norm(adapter, blocks[0], w) is not None for w in ("attn", "mlp")):
+        report.token_weighting = "auto"
     biased_before = _biased_linears(model)
     with timer("capture"):
         inputs = capture_block_inputs(model, blocks, tokens, cfg.batch_size, device, cfg.offload_activations)

@@ -188,6 +188,29 @@ def test_merge_spells_out_the_allocation_of_rows_from_before_the_default_changed
         mc.merge([old, dict(new, seqlen=16)], ["a.json", "b.json"])
 
 
+def test_merge_marks_unweighted_fasp_rows_where_the_model_weighs_tokens():
+    """Where a row says FASP weighed the tokens (Gemma), FASP rows run without it (or from before the
+    field) say token_weighting=none; on a model where no row did (LLaMA: a no-op), nothing changes."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("merge_compare", Path(__file__).parents[1] / "bench" / "merge_compare.py")
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+    base = {"model": "m", "calib": "c", "nsamples": 1, "seqlen": 8, "seed": 0, "evals": ["e"], "eval_windows": {"e": 1}}
+    old = dict(base, rows=[{"method": "fasp", "sparsity": 0.2, "e": 3.0, "allocation": "error"},
+                           {"method": "wanda-sp", "sparsity": 0.2, "e": 5.0, "allocation": "uniform"}])
+    new = dict(base, rows=[{"method": "fasp", "sparsity": 0.2, "e": 2.0, "allocation": "error", "token_weighting": "auto"},
+                           {"method": "fasp:token_weighting=none", "sparsity": 0.1, "e": 4.0, "allocation": "error",
+                            "token_weighting": "none"}])
+    merged = mc.merge([old, new], ["a.json", "b.json"])["rows"]
+    assert [(r["method"], r["sparsity"], r["e"]) for r in merged] == [
+        ("fasp:token_weighting=none", 0.1, 4.0), ("fasp", 0.2, 2.0), ("fasp:token_weighting=none", 0.2, 3.0),
+        ("wanda-sp", 0.2, 5.0)]
+    plain = mc.merge([old], ["a.json"])["rows"]
+    assert [r["method"] for r in plain] == ["fasp", "wanda-sp"]
+
+
 @pytest.mark.parametrize("lazy", [False, True])
 def test_prune_multimodal_gemma3(texts, tmp_path, capsys, lazy):
     """A Gemma3ForConditionalGeneration folder (saved in transformers' original layout) prunes from

@@ -124,7 +124,9 @@ def test_judged_weight_scales_rows_by_the_norms_gain():
 def _pruned(family, **kw):
     model = tiny_family(family)
     cfg = PruneConfig(sparsity=0.3, progress=False, **kw)
-    prune(model, random_tokens(8, 24, vocab=vocab_size(model)), cfg)
+    rep = prune(model, random_tokens(8, 24, vocab=vocab_size(model)), cfg)
+    weighs = family.startswith("gemma") and cfg.token_weighting == "auto"
+    assert rep.token_weighting == ("auto" if weighs else "none")
     return model
 
 
