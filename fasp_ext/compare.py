@@ -124,17 +124,19 @@ def plot(result: dict, path: str | Path) -> None:
     dense = next(r for r in result["rows"] if r["method"] == "dense")
     methods = list(dict.fromkeys(r["method"] for r in result["rows"] if r["method"] != "dense"))
     for ax, e in zip(axes[0], evals):
-        for m in methods:
+        for i, m in enumerate(methods):  # past the colour cycle's 10 colours, another line style
             rs = sorted((r for r in result["rows"] if r["method"] == m), key=lambda r: r["sparsity"])
-            ax.plot([0] + [r["sparsity"] for r in rs], [dense[e]] + [r[e] for r in rs], marker="o", label=m)
+            ax.plot([0] + [r["sparsity"] for r in rs], [dense[e]] + [r[e] for r in rs], marker="o", label=m,
+                    linestyle=("-", "--", ":", "-.")[(i // 10) % 4])
         ax.set_title(f"perplexity on {e}")
         ax.set_xlabel("sparsity")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{result['model']}: calibration {result['calib']} ({result['nsamples']} x {result['seqlen']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # beside the plots, so a long list of methods hides no curve
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
