@@ -90,7 +90,7 @@ class FASPModifier(Modifier):
 
     :param sparsity: fraction of each structure removed (MLP neurons, value channels)
     :param method: fasp (default), wanda-sp, flap, depth2, magnitude, random
-    :param allocation: per-block allocation (None: the method's own; FLAP's ranking for fasp)
+    :param allocation: per-block allocation (None: the method's own; restored-error curves for fasp)
     :param mlp_only: prune MLP neurons only
     :param damp: ridge damping of the restoration, or "auto"
     :param seqlen: window length when the samples differ in length (None: the longest sample)
@@ -98,7 +98,7 @@ class FASPModifier(Modifier):
     :param batch_size: calibration batch size of the block forwards
     :param progress: show fasp_ext's progress bar
     :param options: any other :class:`fasp_ext.pipeline.PruneConfig` field, e.g.
-        ``{"selection": "spap", "mlp_sparsity": 0.3}``
+        ``{"selection": "spap", "mlp_sparsity": 0.3, "token_weighting": "none"}``
     """
 
     sparsity: float = 0.2
