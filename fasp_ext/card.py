@@ -62,6 +62,8 @@ def model_card(report: dict, config=None, loads_with_transformers: bool = False)
     shown = {k: cfg[k] for k in _SETTINGS if cfg.get(k) is not None} or {"method": method, "sparsity": sparsity}
     if "allocation" in r:
         shown["allocation"] = r["allocation"]
+    if r.get("token_weighting") == "auto":  # only where it applied (Gemma 2/3's normalised sublayer outputs)
+        shown["token_weighting"] = "auto (tokens weighed by the sublayer output norms' scale)"
     for k, v in shown.items():
         lines.append(f"| {k} | {_fmt(v)} |")
     lines += ["", "## Calibration", ""]

