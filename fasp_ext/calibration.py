@@ -210,7 +210,9 @@ class Stats:
             xs, wsq = x2, None
         else:
             w = weight.reshape(-1, 1).float()
-            xs, wsq = x2.float() * w, w.square()
+            # bf16 inputs stay bf16 (the Gram's fast path on a GPU; the range is fp32's), others in fp32
+            xs = x2 * w.to(x2.dtype) if x2.dtype == torch.bfloat16 else x2.float() * w
+            wsq = w.square()
         ops.accumulate_stats(xs, self.s, self.H)
         self.mu += x2.sum(0, dtype=torch.float32) if wsq is None else (x2.float() * wsq).sum(0)
         self.n += x2.shape[0] if wsq is None else float(wsq.sum())
