@@ -20,6 +20,10 @@ Costs:
 The dense pass uses the first ``PruneConfig.allocation_windows`` calibration windows only (16 for the
 error curves, 32 for FLAP's rankings, unless ``allocation_samples`` says otherwise): the curves need far
 less data than the restoration, and the pass then costs a fraction of a calibration forward.
+- ``"error-am"``: the same curves ranked across blocks *and* structures: value channels and MLP
+  neurons compete in one greedy, each step costed by its error per parameter it frees (both are
+  relative perturbations of the residual stream), and the budget is in parameters, so the split
+  between attention and MLP moves too (as ``"flap-am"`` does for FLAP's scores).
 - ``"flap"``: FLAP's adaptive structure (An et al., 2024) across layers, per module ("AL-MM"): the
   fluctuation score of each unit, standardised per block (mean 0, std 1), ranked across blocks.
 - ``"flap-am"``: the same scores ranked across layers *and* modules ("AL-AM", FLAP's own default):
@@ -40,7 +44,9 @@ import torch
 from . import distributed
 from .calibration import Stats, collect, fluctuation_scores, run_block
 
-ALLOCATIONS = ("uniform", "error", "flap", "flap-am")
+ALLOCATIONS = ("uniform", "error", "error-am", "flap", "flap-am")
+#: the allocations that rank restored-error curves (they need the Gram matrices and stream energies)
+ERROR_KINDS = ("error", "error-am")
 #: default cap on a block's sparsity, relative to the structure's overall sparsity. 1.5x, not 2x: at
 #: 20 % it was better on both models measured (Gemma3-270M P&P / Jargon 31.96 / 95.62 against
 #: 33.00 / 104.90; SmolLM2 29.69 / 91.79 against 29.69 / 95.65; bench/results/compare_gemma3.md,
@@ -127,7 +133,7 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> list[
         from .calibration import BlockMover
 
         mover = BlockMover(next(blocks[0].parameters()).device)
-    need_gram = cfg.allocation_kind == "error"
+    need_gram = cfg.allocation_kind in ERROR_KINDS
     per_block = []  # per block: (attn, mlp), each (kept counts, step costs, parameters per unit) or None
     steps_ = range(len(blocks))
     if cfg.progress:  # the dense pass takes a while on a CPU: say so (issue 14)
@@ -195,7 +201,7 @@ def block_costs(adapter, block, mcfg, cfg, st_o: Stats | None, st_d: Stats | Non
         if len(ks) < 2:
             entry.append((ks, [], 1))
             continue
-        if cfg.allocation_kind == "error":
+        if cfg.allocation_kind in ERROR_KINDS:
             energy = energy_in if which == "attn" else energy_out
             costs = _error_costs(W, st, ks, groups, segments, cfg.selection_damp, max(energy, 1e-30),
                                   cfg.selection)
@@ -207,14 +213,17 @@ def block_costs(adapter, block, mcfg, cfg, st_o: Stats | None, st_d: Stats | Non
 
 def decide(per_block: list[list], cfg) -> list[dict]:
     """Kept counts per block from every block's ``block_costs``: one greedy per structure, or
-    (flap-am) one over both with counts weighed in parameters, to the total uniform pruning keeps."""
+    (flap-am, error-am) one over both with counts weighed in parameters, to the total uniform pruning
+    keeps. error-am compares the error of each step per parameter it frees (both structures' errors
+    are relative perturbations of the residual stream); flap-am compares its per-unit scores."""
     from .pipeline import kept_count
 
     kind = cfg.allocation_kind
     parts = [(idx, key, frac, mult) for idx, key, frac, mult in
              ((0, "v_keep", cfg.attn_fraction, cfg.attn_multiple), (1, "mlp_keep", cfg.mlp_fraction, cfg.mlp_multiple))
              if frac > 0 and per_block[0][idx] is not None]
-    groups_ = [parts] if kind == "flap-am" else [[p] for p in parts]
+    joint = kind in ("flap-am", "error-am")
+    groups_ = [parts] if joint else [[p] for p in parts]
     result = [{"v_keep": None, "mlp_keep": None} for _ in per_block]
     for group in groups_:
         keys, steps, costs, weights, uniform = [], [], [], [], []
@@ -223,8 +232,10 @@ def decide(per_block: list[list], cfg) -> list[dict]:
                 ks, c, unit = per_block[b][idx]
                 keys.append((b, key))
                 steps.append(ks)
+                if kind == "error-am":  # a step's error per parameter it frees
+                    c = [cj / max((ks[j] - ks[j + 1]) * unit, 1) for j, cj in enumerate(c)]
                 costs.append(c)
-                weights.append(unit if kind == "flap-am" else 1)
+                weights.append(unit if joint else 1)
                 uniform.append(kept_count(ks[0], frac, mult))
         budget = sum(k * w for k, w in zip(uniform, weights))
         pos = greedy_budget(costs, [[k * w for k in ks] for ks, w in zip(steps, weights)], budget)

@@ -57,9 +57,10 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--selection", default="score", choices=["score", "obs", "spap"],
                    help="fasp: choose removed units by score, by greedy least-squares cost (obs), or by "
                         "SPAP-style alternating re-selection and re-fit under a growing penalty (spap); default: score")
-    p.add_argument("--allocation", default=None, choices=["uniform", "error", "flap", "flap-am"],
-                   help="per-block sparsity: uniform, by restored-error curves, FLAP's ranking across blocks (flap) "
-                        "or across blocks and modules with a parameter budget (flap-am) (default: the method's own; "
+    p.add_argument("--allocation", default=None, choices=["uniform", "error", "error-am", "flap", "flap-am"],
+                   help="per-block sparsity: uniform, by restored-error curves across blocks (error) or across "
+                        "blocks and modules with a parameter budget (error-am), FLAP's ranking across blocks (flap) "
+                        "or across blocks and modules (flap-am) (default: the method's own; "
                         "error for fasp, flap for flap, uniform for the others)")
     p.add_argument("--target", default="pruned", choices=["pruned", "dense"],
                    help="restore toward the pruned model's own outputs (pruned) or the dense model's (dense)")

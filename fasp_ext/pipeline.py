@@ -50,7 +50,7 @@ DEFAULT_ALLOCATION = {"fasp": "error", "flap": "flap", "wanda-sp": "uniform", "d
 #: calibration windows each allocation's dense pass uses by default (``allocation_samples=None``):
 #: the error curves were as accurate from 16 windows as from 32 on both real models (within 0.3 %
 #: of perplexity at 10/20/30 %, bench/results/alloc_error_screen.md); FLAP's rankings keep 32
-ALLOCATION_SAMPLES = {"error": 16, "flap": 32, "flap-am": 32}
+ALLOCATION_SAMPLES = {"error": 16, "error-am": 16, "flap": 32, "flap-am": 32}
 
 
 @dataclass
@@ -93,8 +93,9 @@ class PruneConfig:
     selection: str = "score"
     spap_rounds: int = 5
     #: how many units each block keeps: "uniform", "error" (by each block's restored-error curve),
-    #: "flap" (FLAP's standardised fluctuation scores ranked across blocks; same total per structure)
-    #: or "flap-am" (ranked across blocks and structures; same total of parameters).
+    #: "error-am" (the curves ranked across blocks and structures, per parameter; same total of
+    #: parameters), "flap" (FLAP's standardised fluctuation scores ranked across blocks; same total
+    #: per structure) or "flap-am" (ranked across blocks and structures; same total of parameters).
     #: None (default): the method's own, ``DEFAULT_ALLOCATION`` ("error" for fasp, "flap" for flap,
     #: "uniform" for the others). Non-uniform allocation costs one extra dense pass over ``allocation_samples``
     #: windows (fasp_ext/allocation.py) and gives blocks different widths (reload with load_pruned)
@@ -758,10 +759,10 @@ def _one_pass_allocate(adapter, blocks, mcfg, inputs, cfg, device, timer, mover,
     statistics, the allocation is decided from them (fasp_ext/allocation.py, with all calibration
     windows instead of the first ``allocation_samples``), and they are kept for the pruning, so no
     second dense pass runs. Returns the kept counts and the statistics per block."""
-    from .allocation import block_costs, decide, stream_energy
+    from .allocation import ERROR_KINDS, block_costs, decide, stream_energy
 
-    need_gram = cfg.restores or cfg.allocation_kind == "error"
-    energy = cfg.allocation_kind == "error"
+    need_gram = cfg.restores or cfg.allocation_kind in ERROR_KINDS
+    energy = cfg.allocation_kind in ERROR_KINDS
     per_block, stats = [], []
     steps_ = range(len(blocks))
     if cfg.progress:

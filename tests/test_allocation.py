@@ -72,14 +72,32 @@ def test_allocation_keeps_the_uniform_total_and_reloads(family, allocation, tmp_
         assert torch.equal(m2(ev).logits, m(ev).logits)
 
 
+def test_error_am_spends_the_cheapest_error_per_parameter_first():
+    """error-am ranks value-channel and MLP steps together by error per parameter freed: a value
+    step (2.2 for 10 parameters) goes before an MLP step (2.0 for 8), where ranking the steps' raw
+    errors would take the MLP step first."""
+    from types import SimpleNamespace
+
+    from fasp_ext.allocation import decide
+
+    per_block = [[([4, 3, 2], [2.2, 2.2], 10), ([16, 8], [2.0], 1)]]
+    cfg = SimpleNamespace(allocation_kind="error-am", attn_fraction=0.25, mlp_fraction=0.5, attn_multiple=1,
+                          mlp_multiple=8)
+    # uniform keeps 3 x 10 + 8 x 1 = 38 parameters: two value steps (56 -> 36) beat MLP + value (56 -> 38)
+    assert decide(per_block, cfg) == [{"v_keep": 2, "mlp_keep": 16}]
+    cfg.allocation_kind = "flap-am"  # per-unit scores compared as they are
+    assert decide(per_block, cfg) == [{"v_keep": 3, "mlp_keep": 8}]
+
+
+@pytest.mark.parametrize("allocation", ["flap-am", "error-am"])
 @pytest.mark.parametrize("family", list(MAKERS))
-def test_flap_am_moves_budget_between_structures_for_the_same_parameters(family, tmp_path):
+def test_flap_am_moves_budget_between_structures_for_the_same_parameters(family, allocation, tmp_path):
     """Across layers and modules: value channels and MLP neurons compete in one ranking, so the split
     may differ from uniform, but the parameters removed are what uniform removes, up to one step."""
     toks = random_tokens(8, 24)
     u, a = MAKERS[family](), MAKERS[family]()
     ru = prune(u, toks, PruneConfig(sparsity=0.25, allocation="uniform", progress=False))
-    ra = prune(a, toks, PruneConfig(sparsity=0.25, allocation="flap-am", progress=False))
+    ra = prune(a, toks, PruneConfig(sparsity=0.25, allocation=allocation, progress=False))
     ad = adapter_for(a)
     block = ad.blocks(MAKERS[family]())[0]
     n, kv, hd = ad.head_geometry(a.config)
@@ -90,7 +108,7 @@ def test_flap_am_moves_budget_between_structures_for_the_same_parameters(family,
     removed_u = ru.params_before - ru.params_after
     removed_a = ra.params_before - ra.params_after
     assert removed_u <= removed_a < removed_u + step
-    assert ra.allocation == "flap-am"
+    assert ra.allocation == allocation
     ev = random_tokens(2, 24, seed=3)
     m2 = load_pruned(save_pruned(a, tmp_path / "p"))
     with torch.no_grad():
@@ -237,7 +255,7 @@ def test_bad_target_options(kw):
         PruneConfig(**kw).validate()
 
 
-@pytest.mark.parametrize("allocation", ["flap", "error", "flap-am"])
+@pytest.mark.parametrize("allocation", ["flap", "error", "flap-am", "error-am"])
 def test_one_pass_allocation_comes_from_the_one_dense_pass(allocation):
     """One-pass mode decides the allocation from its own dense pass: the same kept counts and the
     same pruned model as a separate allocation pass over all windows (``allocation_samples=0``),
@@ -299,7 +317,7 @@ def test_allocation_seqlen_uses_the_first_tokens_of_each_window():
 
 
 @pytest.mark.parametrize("allocation, samples, expected", [
-    ("error", None, 16), ("flap", None, 32), ("flap-am", None, 32),  # each allocation's default
+    ("error", None, 16), ("error-am", None, 16), ("flap", None, 32), ("flap-am", None, 32),  # each one's default
     ("error", 32, 32), ("flap", 8, 8), ("error", 0, 40),  # an explicit count wins; 0: all windows
 ])
 def test_allocation_pass_window_count(monkeypatch, allocation, samples, expected):
