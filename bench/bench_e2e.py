@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--allocation", default=None, choices=["uniform", "error", "flap", "flap-am"],
+    ap.add_argument("--allocation", default=None, choices=["uniform", "error", "error-am", "flap", "flap-am"],
                     help="per-block allocation (default: the library's default for fasp)")
     ap.add_argument("--eval-windows", type=int, default=32, help="P&P windows for the SmolLM2 accuracy check")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each mode (interleaved); the median is reported")

@@ -62,7 +62,7 @@ def _check_stream(family, cfg_kwargs):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("allocation", ["uniform", "flap", "error"])
+@pytest.mark.parametrize("allocation", ["uniform", "flap", "error", "error-am"])
 def test_stream_matches_pruned_model(family, allocation):
     errs = _check_stream(family, {"allocation": allocation})
     assert max(errs) < 1e-5, f"{family}: relative stream error per block {errs}"
