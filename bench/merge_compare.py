@@ -24,7 +24,7 @@ def explicit(row: dict, weighted: bool = False) -> dict:
     """A row labelled as today's defaults read it: a spec that leaves the allocation to the method's
     default spells out the allocation the row was run with where today's default differs (rows from
     before the field existed ran uniform), and a window count equal to today's default for the
-    row's allocation is dropped. With ``weighted`` (the model is one where FASP weighs tokens by the
+    row's allocation is dropped, as is an allocation equal to today's default. With ``weighted`` (the model is one where FASP weighs tokens by the
     sublayer output norms, as some row of the merge says), a FASP row run without the weighting
     (rows from before the field existed) says token_weighting=none. So "fasp" always means FASP as
     it prunes today."""
@@ -40,8 +40,10 @@ def explicit(row: dict, weighted: bool = False) -> dict:
     default = DEFAULT_ALLOCATION.get(name, "uniform")
     if "allocation" not in given and rec != default:
         parts.append(f"allocation={rec}")
-    if rec == default and given.get("allocation_samples") == str(ALLOCATION_SAMPLES.get(rec)):
-        parts = [o for o in parts if not o.startswith(("allocation_samples=", f"allocation={rec}"))]
+    if given.get("allocation_samples") == str(ALLOCATION_SAMPLES.get(rec)):  # that allocation's default
+        parts = [o for o in parts if not o.startswith("allocation_samples=")]
+    if rec == default:
+        parts = [o for o in parts if o != f"allocation={rec}"]
     tw = row.get("token_weighting", "none")
     if weighted and name == "fasp" and tw == "none" and "token_weighting" not in given:
         parts.append("token_weighting=none")

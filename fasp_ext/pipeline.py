@@ -40,12 +40,14 @@ TOKEN_WEIGHTINGS = ("auto", "none")
 #: methods that restore the shrunken projection by least squares (and so need the Gram matrix)
 RESTORING = ("fasp", "depth2")
 SELECTIONS = ("score", "obs", "spap")
-#: per-block allocation each method uses unless told otherwise: FASP by each block's restored-error
-#: curve (better than FLAP's ranking overall on both real models at 10/20/30 %, far better on the
-#: Jargon File at 20-30 %: bench/results/alloc_error_screen.md); FLAP ranks its standardised
-#: fluctuation scores across blocks, as its paper does; Wanda-sp, magnitude and random prune every
-#: block alike, as their papers do
-DEFAULT_ALLOCATION = {"fasp": "error", "flap": "flap", "wanda-sp": "uniform", "depth2": "uniform",
+#: per-block allocation each method uses unless told otherwise: FASP by the blocks' restored-error
+#: curves ranked across blocks and structures per parameter ("error-am": better than the curves per
+#: structure in 8 of 12 entries on both real models at 10/20/30 %, Gemma3-270M at 30 % by 6-7 %,
+#: bench/results/error_am_screen.md; those in turn beat FLAP's ranking, alloc_error_screen.md; with
+#: ``mlp_sparsity``/``attn_sparsity`` given, per structure, "error", so each total holds); FLAP ranks
+#: its standardised fluctuation scores across blocks, as its paper does; Wanda-sp, magnitude and
+#: random prune every block alike, as their papers do
+DEFAULT_ALLOCATION = {"fasp": "error-am", "flap": "flap", "wanda-sp": "uniform", "depth2": "uniform",
                       "magnitude": "uniform", "random": "uniform"}
 #: calibration windows each allocation's dense pass uses by default (``allocation_samples=None``):
 #: the error curves were as accurate from 16 windows as from 32 on both real models (within 0.3 %
@@ -96,7 +98,8 @@ class PruneConfig:
     #: "error-am" (the curves ranked across blocks and structures, per parameter; same total of
     #: parameters), "flap" (FLAP's standardised fluctuation scores ranked across blocks; same total
     #: per structure) or "flap-am" (ranked across blocks and structures; same total of parameters).
-    #: None (default): the method's own, ``DEFAULT_ALLOCATION`` ("error" for fasp, "flap" for flap,
+    #: None (default): the method's own, ``DEFAULT_ALLOCATION`` ("error-am" for fasp, or "error" when
+    #: ``mlp_sparsity``/``attn_sparsity`` is given; "flap" for flap,
     #: "uniform" for the others). Non-uniform allocation costs one extra dense pass over ``allocation_samples``
     #: windows (fasp_ext/allocation.py) and gives blocks different widths (reload with load_pruned)
     allocation: str | None = None
@@ -188,8 +191,14 @@ class PruneConfig:
 
     @property
     def allocation_kind(self) -> str:
-        """The allocation this run uses: ``allocation``, or the method's default when it is None."""
-        return self.allocation if self.allocation is not None else DEFAULT_ALLOCATION[self.method]
+        """The allocation this run uses: ``allocation``, or the method's default when it is None (for
+        fasp with ``mlp_sparsity`` or ``attn_sparsity`` given: "error", which keeps each structure's total)."""
+        if self.allocation is not None:
+            return self.allocation
+        kind = DEFAULT_ALLOCATION[self.method]
+        if kind == "error-am" and (self.mlp_sparsity is not None or self.attn_sparsity is not None):
+            return "error"
+        return kind
 
     @property
     def allocation_windows(self) -> int:

@@ -175,7 +175,7 @@ def test_obs_selection_runs_and_lowers_error(family):
     errs = {}
     for sel in ("score", "obs"):
         m = MAKERS[family]()
-        rep = prune(m, toks, PruneConfig(sparsity=0.3, selection=sel, progress=False))
+        rep = prune(m, toks, PruneConfig(sparsity=0.3, selection=sel, allocation="error", progress=False))
         assert all(b["mlp_solver"]["path"] != "none" for b in rep.blocks)
         errs[sel] = m
     ev = random_tokens(4, 24, seed=5)
@@ -232,8 +232,8 @@ def test_restore_toward_dense_targets_is_least_squares():
 def test_dense_target_first_attention_equals_own_target_and_reloads(family, tmp_path):
     toks = random_tokens(8, 24)
     own, dense = MAKERS[family](), MAKERS[family]()
-    prune(own, toks, PruneConfig(sparsity=0.25, progress=False))
-    rep = prune(dense, toks, PruneConfig(sparsity=0.25, target="dense", progress=False))
+    prune(own, toks, PruneConfig(sparsity=0.25, allocation="error", progress=False))
+    rep = prune(dense, toks, PruneConfig(sparsity=0.25, allocation="error", target="dense", progress=False))
     ad = adapter_for(own)
     # block 0 sees the same inputs either way, so its attention restoration is the same...
     torch.testing.assert_close(ad.value_pair(ad.blocks(dense)[0])[1].weight,

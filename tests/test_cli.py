@@ -53,14 +53,14 @@ def _prune_args(model_dir, texts, out, *extra):
 
 def test_prune_then_eval(model_dir, texts, tmp_path, capsys):
     out = tmp_path / "pruned"
-    assert main(_prune_args(model_dir, texts, out, "--sparsity", "0.25")) == 0
+    assert main(_prune_args(model_dir, texts, out, "--sparsity", "0.25", "--allocation", "error")) == 0
     printed = capsys.readouterr().out
     assert "parameters:" in printed and "perplexity on" in printed
     rep = json.loads((out / "fasp_report.json").read_text())
     assert rep["params_after"] < rep["params_before"]
     assert set(rep["perplexity_after"]) == {str(texts / "eval.txt")}
     m = load_pruned(out)
-    # the default allocation moves value channels between blocks, keeping the uniform total (2 x 12)
+    # the error curves per structure move value channels between blocks, keeping the uniform total (2 x 12)
     assert m.config.fasp_ext["v_head_dim"] == [b["v_head_dim"] for b in rep["blocks"]]
     assert sum(m.config.fasp_ext["v_head_dim"]) == 24
     assert main(["eval", "--model", str(out), "--data", str(texts / "eval.txt"), "--seqlen", "32",
@@ -177,13 +177,14 @@ def test_merge_spells_out_the_allocation_of_rows_from_before_the_default_changed
                            # today's default spelled out: FASP as it prunes today, so plain "fasp"
                            {"method": "fasp:allocation=error,allocation_samples=16", "sparsity": 0.3, "e": 1.5,
                             "allocation": "error"},
-                           {"method": "fasp:allocation_samples=32", "sparsity": 0.3, "e": 1.6, "allocation": "error"}])
+                           {"method": "fasp:allocation_samples=32", "sparsity": 0.3, "e": 1.6, "allocation": "error"},
+                           {"method": "fasp:allocation=error-am", "sparsity": 0.3, "e": 1.4, "allocation": "error-am"}])
     rows = {(r["method"], r.get("allocation")): r["e"] for r in mc.merge([old, new], ["a.json", "b.json"])["rows"]}
     assert rows == {("dense", None): 1.0, ("fasp:allocation=uniform", "uniform"): 3.0,
                     ("fasp:damp=auto,allocation=uniform", "uniform"): 4.0, ("fasp:allocation=flap", "flap"): 2.5,
                     ("wanda-sp", "uniform"): 5.0, ("fasp:allocation=flap (cap 2x)", "flap"): 2.7,
-                    ("fasp:allocation_samples=16,allocation=flap", "flap"): 6.0, ("fasp", "error"): 1.5,
-                    ("fasp:allocation_samples=32", "error"): 1.6}
+                    ("fasp:allocation_samples=16,allocation=flap", "flap"): 6.0, ("fasp:allocation=error", "error"): 1.5,
+                    ("fasp:allocation_samples=32,allocation=error", "error"): 1.6, ("fasp", "error-am"): 1.4}
     with pytest.raises(SystemExit, match="settings differ"):
         mc.merge([old, dict(new, seqlen=16)], ["a.json", "b.json"])
 
@@ -198,10 +199,10 @@ def test_merge_marks_unweighted_fasp_rows_where_the_model_weighs_tokens():
     mc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mc)
     base = {"model": "m", "calib": "c", "nsamples": 1, "seqlen": 8, "seed": 0, "evals": ["e"], "eval_windows": {"e": 1}}
-    old = dict(base, rows=[{"method": "fasp", "sparsity": 0.2, "e": 3.0, "allocation": "error"},
+    old = dict(base, rows=[{"method": "fasp", "sparsity": 0.2, "e": 3.0, "allocation": "error-am"},
                            {"method": "wanda-sp", "sparsity": 0.2, "e": 5.0, "allocation": "uniform"}])
-    new = dict(base, rows=[{"method": "fasp", "sparsity": 0.2, "e": 2.0, "allocation": "error", "token_weighting": "auto"},
-                           {"method": "fasp:token_weighting=none", "sparsity": 0.1, "e": 4.0, "allocation": "error",
+    new = dict(base, rows=[{"method": "fasp", "sparsity": 0.2, "e": 2.0, "allocation": "error-am", "token_weighting": "auto"},
+                           {"method": "fasp:token_weighting=none", "sparsity": 0.1, "e": 4.0, "allocation": "error-am",
                             "token_weighting": "none"}])
     merged = mc.merge([old, new], ["a.json", "b.json"])["rows"]
     assert [(r["method"], r["sparsity"], r["e"]) for r in merged] == [

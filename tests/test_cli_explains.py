@@ -45,7 +45,7 @@ def test_progress_bars_say_what_they_measure_and_the_card_is_written(model_dir, 
     err = capsys.readouterr().err
     name = str(texts / "eval.txt")
     for label in (f"perplexity on {name}, dense (before)", f"perplexity on {name}, pruned (after)",
-                  "allocation (error): dense pass over 4 windows", "pruning blocks (fasp 25%)"):
+                  "allocation (error-am): dense pass over 4 windows", "pruning blocks (fasp 25%)"):
         assert label in err, label
     card = (out / "README.md").read_text()
     rep = json.loads((out / "fasp_report.json").read_text())

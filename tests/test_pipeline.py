@@ -412,16 +412,19 @@ def test_depth2_reconstruction_is_the_intercept_fit():
 def test_default_allocation_is_the_methods_own(family):
     """FASP allocates per block by restored-error curves and FLAP by its own ranking unless told
     otherwise; the baselines prune every block alike. The default run equals an explicit
-    allocation='error' run."""
-    assert PruneConfig().allocation_kind == "error" and PruneConfig(method="flap").allocation_kind == "flap"
+    allocation='error-am' run; with a per-structure sparsity given, the curves per structure."""
+    assert PruneConfig().allocation_kind == "error-am" and PruneConfig(method="flap").allocation_kind == "flap"
+    assert PruneConfig(mlp_sparsity=0.3).allocation_kind == "error"
+    assert PruneConfig(attn_sparsity=0.1).allocation_kind == "error"
+    assert PruneConfig(mlp_sparsity=0.3, allocation="error-am").allocation_kind == "error-am"
     for meth in ("wanda-sp", "depth2", "magnitude", "random"):
         assert PruneConfig(method=meth).allocation_kind == "uniform"
     assert PruneConfig(allocation="uniform").allocation_kind == "uniform"
     a, b = MAKERS[family](), MAKERS[family]()
     toks = random_tokens(6, 24)
     ra = prune(a, toks, _cfg(sparsity=0.3))
-    prune(b, toks, _cfg(sparsity=0.3, allocation="error"))
-    assert ra.allocation == "error" and "allocation_forward" in ra.times
+    prune(b, toks, _cfg(sparsity=0.3, allocation="error-am"))
+    assert ra.allocation == "error-am" and "allocation_forward" in ra.times
     ev = random_tokens(2, 24, seed=3)
     assert torch.equal(logits(a, ev), logits(b, ev))
 
