@@ -40,7 +40,7 @@ def test_prune_save_reload_same_logits(family, tmp_path):
     model = tiny_family(family)
     tokens = random_tokens(6, 24, vocab=vocab_size(model))
     before = fasp_ext.pipeline.count_params(model)
-    rep = prune(model, tokens, PruneConfig(sparsity=0.3, progress=False))  # default (non-uniform) allocation
+    rep = prune(model, tokens, PruneConfig(sparsity=0.3, allocation="error", progress=False))  # non-uniform per structure
     assert rep.params_after < before
     a = adapter_for(model)
     _, _, hd = a.head_geometry(model.config)
@@ -172,7 +172,7 @@ def test_multimodal_gemma3_prunes_the_language_model_only(tmp_path):
     cfg = model.config
     keep = {k: v.clone() for k, v in model.state_dict().items() if "language_model" not in k and "lm_head" not in k}
     assert any(k.startswith("model.vision_tower.") for k in keep)
-    prune(model, random_tokens(6, 24, vocab=vocab_size(model)), PruneConfig(sparsity=0.3, progress=False))
+    prune(model, random_tokens(6, 24, vocab=vocab_size(model)), PruneConfig(sparsity=0.3, allocation="error", progress=False))
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in keep.items())
     blocks = adapter_for(model).blocks(model)

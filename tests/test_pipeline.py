@@ -169,7 +169,7 @@ def test_narrow_value_heads_take_the_fused_sdpa_path(family, monkeypatch):
     """Value heads narrower than q/k heads: SDPA must see equal head sizes (fused kernel) and give
     the same logits and the same greedy continuation (KV cache) as eager attention."""
     m = MAKERS[family]()
-    prune(m, random_tokens(4, 24), _cfg(sparsity=0.25))
+    prune(m, random_tokens(4, 24), _cfg(sparsity=0.25, allocation="error"))
     assert adapter_for(m).value_head_dim(adapter_for(m).blocks(m)[0], m.config) < 16
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
