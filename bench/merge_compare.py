@@ -24,10 +24,10 @@ def explicit(row: dict, weighted: bool = False) -> dict:
     """A row labelled as today's defaults read it: a spec that leaves the allocation to the method's
     default spells out the allocation the row was run with where today's default differs (rows from
     before the field existed ran uniform), and a window count equal to today's default for the
-    row's allocation is dropped, as is an allocation equal to today's default. With ``weighted`` (the model is one where FASP weighs tokens by the
-    sublayer output norms, as some row of the merge says), a FASP row run without the weighting
-    (rows from before the field existed) says token_weighting=none. So "fasp" always means FASP as
-    it prunes today."""
+    row's allocation is dropped, as is an allocation equal to today's default. With ``weighted``
+    (the model is one where FASP weighs tokens by the sublayer output norms, as some row of the
+    merge says), a FASP row run without the weighting (rows from before the field existed) says
+    token_weighting=none. So "fasp" always means FASP as it prunes today."""
     from fasp_ext.pipeline import ALLOCATION_SAMPLES, DEFAULT_ALLOCATION
 
     if row["method"] == "dense":

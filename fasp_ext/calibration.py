@@ -214,7 +214,8 @@ class Stats:
             xs = x2 * w.to(x2.dtype) if x2.dtype == torch.bfloat16 else x2.float() * w
             wsq = w.square()
         ops.accumulate_stats(xs, self.s, self.H)
-        self.mu += x2.sum(0, dtype=torch.float32) if wsq is None else (x2.float() * wsq).sum(0)
+        # sum_t w_t^2 x_t as one (1 x n) @ (n x m) product: no weighted copy of the batch
+        self.mu += x2.sum(0, dtype=torch.float32) if wsq is None else (wsq.t() @ x2.float()).reshape(-1)
         self.n += x2.shape[0] if wsq is None else float(wsq.sum())
         if self.store is not None:  # the correction's inputs live where the hidden states live
             self.store.append(x.detach().to(self.store_device) if self.store_device is not None else x.detach())
@@ -240,7 +241,8 @@ class Stats:
                     self.n_val += xv.shape[0]
                 else:
                     wv = wsq.reshape(b, -1, 1).index_select(0, sel).reshape(-1, 1)
-                    self.mu_val += (x2.float().reshape(per_sample).index_select(0, sel).reshape(-1, m) * wv).sum(0)
+                    xr = x2.reshape(per_sample).index_select(0, sel).reshape(-1, m)
+                    self.mu_val += (wv.t() @ xr.float()).reshape(-1)
                     self.n_val += float(wv.sum())
         self.samples += b
 
