@@ -151,6 +151,7 @@ def extension_modules():
         # machine; truncated messages on the CPU). The symbols then resolve here and nothing is
         # taken from the static archive.
         link_args.append("-l:libstdc++.so.6")
+        link_args.append("-ldl")  # dladdr/dlopen: MKL's SYRK looked up in libtorch_cpu (csrc/cpu/accumulate_stats.cpp)
     extra = {"cxx": cxx_flags}
     include_dirs = [str(ROOT / "csrc"), str(ROOT / GENERATED)]
     archs = ""

@@ -91,6 +91,16 @@ def accumulate_stats(X: torch.Tensor, s: torch.Tensor, H: torch.Tensor | None = 
     _ops_for(X.device, "accumulate_stats").accumulate_stats(X, s, H)
 
 
+def cpu_gram_backend() -> str:
+    """How ``accumulate_stats`` updates H on the CPU in this process: ``"mkl-syrk"`` (MKL's SYRK
+    from torch's own library, half a GEMM's flops), ``"blocked-gemm"`` (block lower triangle by GEMMs:
+    no MKL, or ``FASP_EXT_SYRK=0`` in the environment) or ``"reference"`` (no compiled library)."""
+    ops = compiled_ops_for(torch.device("cpu"), "accumulate_stats")
+    if ops is None or not hasattr(ops, "cpu_gram_backend"):
+        return "reference"
+    return str(ops.cpu_gram_backend())
+
+
 def score_select(
     W: torch.Tensor,
     s: torch.Tensor,

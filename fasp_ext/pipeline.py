@@ -28,7 +28,7 @@ from torch import nn
 
 from . import distributed, ops
 from .adapters import Adapter, adapter_for
-from .adapters.base import _shrink_linear
+from .adapters.base import _shrink_linear, new_linear
 from .damping import DEFAULT_GRID, choose_damp
 from .calibration import (BlockInputs, BlockMover, Stats, capture_block_inputs, collect, fluctuation_scores, kept_linear,
                           record, replay_attention, run_block)
@@ -429,7 +429,7 @@ def restore_toward(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, kept: torc
 def _set_linear(lin: nn.Linear, W: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """A new projection with weight W and ``bias`` (which may add a bias the old one lacked)."""
     has_bias = lin.bias is not None or bias is not None
-    new = nn.Linear(W.shape[1], W.shape[0], bias=has_bias, device=W.device, dtype=lin.weight.dtype)
+    new = new_linear(W.shape[1], W.shape[0], has_bias, W.device, lin.weight.dtype)
     new.weight.data.copy_(W)
     if has_bias:
         new.bias.data.copy_(bias if bias is not None else lin.bias.data)

@@ -114,17 +114,55 @@ def test_stats_matches_reference(impl, dtype, shape):
         torch.testing.assert_close(H.diagonal(), s - 0.5 + 1.0, rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("m", [383, 500, 1100, 1537])
+@pytest.mark.parametrize("m", [127, 128, 129, 191, 383, 500, 1100, 1537])
 def test_stats_blocked_gram_is_exact_for_any_H(impl, m):
-    """Widths on both sides of the kernel's blocking thresholds, with a last column block narrower than
-    the others: the lower-triangle blocks mirrored into the upper triangle give H0 + X^T X exactly,
-    for a starting H that is not symmetric."""
+    """Widths on both sides of the kernel's thresholds (SYRK from 128 columns, 64-column tiles of its
+    symmetric add; GEMM blocks from 384), with a last tile or block narrower than the others: the
+    lower triangle added to both triangles gives H0 + X^T X exactly, for a starting H that is not
+    symmetric."""
     X = torch.randn(300, m, generator=gen(7))
     H0 = torch.randn(m, m, generator=gen(8))
     s, H = torch.zeros(m), H0.clone()
     impl.stats(X, s, H)
     X64 = X.double()
     torch.testing.assert_close(H.double(), H0.double() + X64.t() @ X64, rtol=1e-5, atol=1e-3)
+
+
+_GRAM_CHECK = r"""
+import sys, torch
+from fasp_ext import ops
+out = [ops.cpu_gram_backend()]
+for m in (128, 129, 500, 1537):
+    g = torch.Generator().manual_seed(m)
+    X = torch.randn(300, m, generator=g); H0 = torch.randn(m, m, generator=g)
+    H = H0.clone(); s = torch.zeros(m)
+    ops.accumulate_stats(X, s, H)
+    want = H0.double() + X.double().t() @ X.double()
+    out.append(float(((H.double() - want).abs().max() / want.abs().max())))
+print(" ".join(map(str, out)))
+"""
+
+
+@needs_lib
+def test_stats_gram_backends_both_exact():
+    """The CPU kernel's two Gram updates, chosen per process: MKL's SYRK where torch ships MKL (x86-64
+    Linux wheels), blocked GEMMs otherwise or with FASP_EXT_SYRK=0. Both give H0 + X^T X for a
+    non-symmetric H0, each in its own process."""
+    import subprocess
+    import sys
+
+    seen = {}
+    for env in ("1", "0"):
+        res = subprocess.run([sys.executable, "-c", _GRAM_CHECK], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "FASP_EXT_SYRK": env})
+        assert res.returncode == 0, res.stderr[-2000:]
+        backend, *errs = res.stdout.split()
+        assert all(float(e) < 1e-6 for e in errs), (env, backend, errs)
+        seen[env] = backend
+    assert seen["0"] == "blocked-gemm"
+    import platform
+    if platform.machine() == "x86_64" and torch.backends.mkl.is_available():
+        assert seen["1"] == "mkl-syrk", "torch ships MKL here but the kernel did not find its SYRK"
 
 
 def test_stats_zero_tokens(impl):

@@ -13,6 +13,12 @@ import torch
 from torch import nn
 
 
+def new_linear(in_features: int, out_features: int, bias: bool, device, dtype) -> nn.Linear:
+    """An nn.Linear whose parameters are left uninitialised (the caller fills them): no random
+    initialisation of weights that are overwritten at once."""
+    return torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, device=device, dtype=dtype)
+
+
 def _shrink_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
                    weight: torch.Tensor | None = None) -> nn.Linear:
     """A new nn.Linear keeping output rows ``rows`` and input columns ``cols`` (or taking ``weight``)."""
@@ -27,7 +33,7 @@ def _shrink_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch
     bias = lin.bias.data if lin.bias is not None else None
     if bias is not None and rows is not None:
         bias = bias.index_select(0, rows.to(bias.device))
-    new = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None, device=W.device, dtype=W.dtype)
+    new = new_linear(W.shape[1], W.shape[0], bias is not None, W.device, W.dtype)
     new.weight.data.copy_(W)
     if bias is not None:
         new.bias.data.copy_(bias)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .base import Adapter, attend
+from .base import Adapter, attend, new_linear
 
 
 class RowView:
@@ -33,7 +33,7 @@ def _cat_rows(parts, like: nn.Linear) -> nn.Linear:
     """One nn.Linear stacking the rows of ``parts`` (linears or row views)."""
     W = torch.cat([p.weight.data for p in parts], 0)
     has_bias = like.bias is not None
-    new = nn.Linear(W.shape[1], W.shape[0], bias=has_bias, device=W.device, dtype=W.dtype)
+    new = new_linear(W.shape[1], W.shape[0], has_bias, W.device, W.dtype)
     new.weight.data.copy_(W)
     if has_bias:
         new.bias.data.copy_(torch.cat([p.bias.data for p in parts], 0))
