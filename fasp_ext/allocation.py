@@ -142,6 +142,8 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> list[
         n_win = sum(h.shape[0] for h in inputs.hidden)
         steps_ = tqdm(steps_, desc=f"allocation ({cfg.allocation_kind}): dense pass over {n_win} windows",
                       unit="block")
+    # the stream's energy entering each block is the energy leaving the one before: one sum per boundary
+    energy_in = stream_energy(inputs.hidden, device) if need_gram else 0.0
     for i in steps_:
         block = mover.fetch(blocks, i, device)
         hooks, st_o, st_d = [], None, None
@@ -151,7 +153,6 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> list[
         if cfg.mlp_fraction > 0:
             st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, device, need_gram)
             hooks.append(collect(adapter.mlp_pair(block)[1], st_d, norm=cfg.output_norm(adapter, block, "mlp")))
-        energy_in = stream_energy(inputs.hidden, device) if need_gram else 0.0
         with timer("allocation_forward"):
             outs = run_block(block, inputs.at(i), keep_outputs=True)
         for h in hooks:
@@ -163,13 +164,16 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> list[
         inputs.hidden[:] = outs
         with timer("allocation_costs"):
             per_block.append(block_costs(adapter, block, mcfg, cfg, st_o, st_d, energy_in, energy_out))
+        energy_in = energy_out
         mover.release(blocks, i, block, final=False)
     return decide(per_block, cfg)
 
 
 def stream_energy(hidden: list[torch.Tensor], device) -> float:
     """Sum of squares of the residual stream over every calibration token (of every process)."""
-    return distributed.all_reduce_numbers(sum(float(x.float().pow(2).sum()) for x in hidden), device=device)[0]
+    # one fused reduction per batch (no squared copy of the stream)
+    total = sum(float(torch.linalg.vector_norm(x, dtype=torch.float32)) ** 2 for x in hidden)
+    return distributed.all_reduce_numbers(total, device=device)[0]
 
 
 def block_costs(adapter, block, mcfg, cfg, st_o: Stats | None, st_d: Stats | None, energy_in: float,

@@ -182,6 +182,10 @@ class Stats:
     batches: int = 0
     #: where ``store`` keeps the inputs (None: where they are computed)
     store_device: torch.device | None = None
+    #: weighted token counts (``add``'s weight) not yet in n / n_val: device tensors, so a batch
+    #: never waits for the device; ``reduce`` adds them (one synchronisation per matrix)
+    n_pending: torch.Tensor | None = None
+    n_val_pending: torch.Tensor | None = None
 
     @staticmethod
     def new(m: int, device, gram: bool = True, store: bool = False, val_every: int = 0) -> "Stats":
@@ -192,7 +196,12 @@ class Stats:
                      z(m, m) if val else None, z(m) if val else None, samples=distributed.sample_offset())
 
     def reduce(self) -> "Stats":
-        """Sum the statistics of every process (torch.distributed); a no-op in a single process."""
+        """Settle the weighted token counts and sum the statistics of every process
+        (torch.distributed). Call it once the pass is over, before reading n or n_val."""
+        if self.n_pending is not None:
+            self.n, self.n_pending = self.n + float(self.n_pending), None
+        if self.n_val_pending is not None:
+            self.n_val, self.n_val_pending = self.n_val + float(self.n_val_pending), None
         if distributed.active():
             distributed.all_reduce_(self.s, self.H, self.mu, self.H_val, self.mu_val, self.D)
             sums = distributed.all_reduce_numbers(self.n, self.n_val, device=self.s.device)
@@ -216,7 +225,11 @@ class Stats:
         ops.accumulate_stats(xs, self.s, self.H)
         # sum_t w_t^2 x_t as one (1 x n) @ (n x m) product: no weighted copy of the batch
         self.mu += x2.sum(0, dtype=torch.float32) if wsq is None else (wsq.t() @ x2.float()).reshape(-1)
-        self.n += x2.shape[0] if wsq is None else float(wsq.sum())
+        if wsq is None:
+            self.n += x2.shape[0]
+        else:
+            self.n = float(self.n)  # a weighted count: a float from here on
+            self.n_pending = wsq.sum() if self.n_pending is None else self.n_pending + wsq.sum()
         if self.store is not None:  # the correction's inputs live where the hidden states live
             self.store.append(x.detach().to(self.store_device) if self.store_device is not None else x.detach())
         if self.dense is not None:
@@ -243,7 +256,8 @@ class Stats:
                     wv = wsq.reshape(b, -1, 1).index_select(0, sel).reshape(-1, 1)
                     xr = x2.reshape(per_sample).index_select(0, sel).reshape(-1, m)
                     self.mu_val += (wv.t() @ xr.float()).reshape(-1)
-                    self.n_val += float(wv.sum())
+                    self.n_val = float(self.n_val)
+                    self.n_val_pending = wv.sum() if self.n_val_pending is None else self.n_val_pending + wv.sum()
         self.samples += b
 
 

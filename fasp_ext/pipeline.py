@@ -778,16 +778,17 @@ def _one_pass_allocate(adapter, blocks, mcfg, inputs, cfg, device, timer, mover,
         from tqdm.auto import tqdm
 
         steps_ = tqdm(steps_, desc=f"one-pass statistics + allocation ({cfg.allocation_kind})", unit="block")
+    energies = [stream_energy(inputs.hidden, device) if energy else 0.0]  # entering block 0, then leaving each
     for i in steps_:
         block = mover.fetch(blocks, i, device)
-        energies = [stream_energy(inputs.hidden, device) if energy else 0.0]
+
         def on_outputs(o):
             energies.append(stream_energy(o, device) if energy else 0.0)
         with timer("forward_stats"):
             st_o, st_d = _one_pass_stats(adapter, block, inputs.at(i), cfg, prune_attn, prune_mlp_, need_gram,
                                          val_every, on_outputs=on_outputs)
         with timer("allocation_costs"):
-            per_block.append(block_costs(adapter, block, mcfg, cfg, st_o, st_d, *energies))
+            per_block.append(block_costs(adapter, block, mcfg, cfg, st_o, st_d, energies[i], energies[i + 1]))
         stats.append((st_o, st_d))
         mover.release(blocks, i, block, final=False)
     return decide(per_block, cfg), stats

@@ -33,6 +33,9 @@ def test_weighted_stats_are_the_stats_of_the_weighted_tokens(dtype):
     st.dense = [Xd[:2], Xd[2:]]
     st.add(X[:2], weight=w[:2])
     st.add(X[2:], weight=w[2:])
+    assert st.n == 0.0 and st.n_pending is not None  # the weighted counts wait on the device until reduce
+    st.reduce()
+    assert st.n_pending is None and st.n_val_pending is None
     x, xd, w2 = X.reshape(-1, m).double(), Xd.reshape(-1, m).double(), w.reshape(-1, 1).double() ** 2
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(st.s.double(), (w2 * x * x).sum(0), **tol)
@@ -58,6 +61,7 @@ def test_weighted_restore_is_the_weighted_least_squares_fit():
     w = (torch.rand(n, generator=_gen(5), dtype=torch.float64) * 3 + 0.05)
     st = Stats.new(m, "cpu")
     st.add(X.float(), weight=w.float())
+    st.reduce()
     kept = torch.tensor([0, 1, 2, 3, 5, 6, 8])
     cfg = PruneConfig(damp=0.0, fp64=True, progress=False)
     Wn, _, info = _restore(W.float(), None, st, kept, None, cfg, restore=True)
