@@ -140,7 +140,8 @@ def _with_load(r: dict) -> str:
 def to_markdown(info: dict, rows: list[dict]) -> str:
     lines = [f"# End-to-end pruning time ({info['device']})", "",
              f"- machine: {info.get('cpu', '')}, {info.get('cores', '')} cores; torch {info['torch']}; "
-             f"git {info['git_commit'][:12]}", f"- calibration: {rows[0]['dense']['nsamples']} x {rows[0]['dense']['seqlen']} tokens, "
+             f"git {info['git_commit'][:12]}; CPU Gram update: {info.get('cpu_gram_backend', 'blocked-gemm')}",
+             f"- calibration: {rows[0]['dense']['nsamples']} x {rows[0]['dense']['seqlen']} tokens, "
              f"sparsity {info['sparsity']:.0%} (MLP + value channels)", "",
              f"- each mode run {info.get('repeats', 1)} time(s), interleaved; times are the median run, ratios the median "
              "of the per-repeat ratios [range]; 'with load' adds loading the model and the windows to both sides", "",

@@ -106,6 +106,7 @@ def machine_info(device):
         "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "device": str(device),
         "build_info": fasp_ext.build_info(),
+        "cpu_gram_backend": fasp_ext.ops.cpu_gram_backend(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -202,7 +203,8 @@ def to_markdown(info, rows):
         "",
         f"- CPU: {info['cpu']} ({info['cores']} cores)" + (f"; GPU: {info['gpu']}" if "gpu" in info else ""),
         f"- torch {info['torch']}, python {info['python']}, git {info['git_commit'][:12]}"
-        + (" (sources modified)" if info.get("git_dirty_sources") else ""),
+        + (" (sources modified)" if info.get("git_dirty_sources") else "")
+        + f"; CPU Gram update: {info.get('cpu_gram_backend', 'blocked-gemm')}",
         f"- load average (1 min) at start {info.get('load_average_at_start') or 0:.1f}, at end "
         f"{info.get('load_average_at_end') or 0:.1f} (on a shared machine other work skews timings)",
         f"- {info['date']}; command: `{info['command']}`",

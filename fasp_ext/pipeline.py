@@ -647,8 +647,11 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             dense_inputs = dense_inputs.with_hidden(dense_outs)
         replay = contextlib.nullcontext  # after pruning the attention: replays it from its stored inputs
         if prune_attn:
-            st = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram, store=can_replay,
-                           val_every=val_every)
+            # a structure the allocation keeps whole is left as it is: no Gram matrix for it
+            dv = adapter.value_pair(block)[0].out_features // adapter.head_geometry(mcfg)[1]
+            whole = keeps[i]["v_keep"] is not None and keeps[i]["v_keep"] == dv
+            st = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram and not whole,
+                           store=can_replay, val_every=val_every)
             st.store_device = inputs.hidden[0].device
             st.dense = x_dense["attn"]
             h = collect(adapter.value_pair(block)[1], st, stop=True, norm=cfg.output_norm(adapter, block, "attn"))
@@ -667,7 +670,8 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             info["v_head_dim"] = adapter.value_head_dim(block, mcfg)
         if prune_mlp_:
             ins, out = adapter.mlp_pair(block)
-            st = Stats.new(out.in_features, device, need_gram, store=can_correct, val_every=val_every)
+            whole = keeps[i]["mlp_keep"] is not None and keeps[i]["mlp_keep"] == out.in_features
+            st = Stats.new(out.in_features, device, need_gram and not whole, store=can_correct, val_every=val_every)
             st.store_device = inputs.hidden[0].device
             st.dense = x_dense["mlp"]
             # with the correction the pass stops at the output projection, keeping its inputs and the

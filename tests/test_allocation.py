@@ -342,3 +342,41 @@ def test_allocation_pass_window_count(monkeypatch, allocation, samples, expected
 def test_allocation_samples_must_not_be_negative():
     with pytest.raises(ValueError, match="allocation_samples must be >= 0"):
         prune(tiny_llama(), random_tokens(4, 8), PruneConfig(sparsity=0.3, allocation_samples=-1, progress=False))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+def test_structure_kept_whole_gets_no_gram_and_is_untouched(make, monkeypatch):
+    """A structure the allocation keeps whole needs no statistics beyond the pass itself: its Gram
+    matrix is not accumulated, its projections stay as they were, and the other blocks are pruned
+    exactly as with the same allocation where every structure is computed."""
+    import fasp_ext.allocation as alloc
+    from fasp_ext import calibration
+
+    base = make()
+    ad = adapter_for(base)
+    mcfg = ad.lm_config(base.config)
+    n_blocks = len(ad.blocks(base))
+    dv = ad.value_pair(ad.blocks(base)[0])[0].out_features // ad.head_geometry(mcfg)[1]
+    width = ad.mlp_width(ad.blocks(base)[0])
+    keeps = [{"v_keep": dv // 2, "mlp_keep": kept_count(width, 0.5, 8)} for _ in range(n_blocks)]
+    keeps[0] = {"v_keep": dv, "mlp_keep": width}  # block 0 kept whole in both structures
+    monkeypatch.setattr(alloc, "plan", lambda *a, **k: [dict(x) for x in keeps])
+    grams = []
+    new = calibration.Stats.new
+    monkeypatch.setattr(calibration.Stats, "new", staticmethod(lambda m, device, gram=True, **kw: (
+        grams.append((m, gram)), new(m, device, gram, **kw))[1]))
+    m = make()
+    before = {k: v.clone() for k, v in ad.blocks(m)[0].state_dict().items()}
+    tokens = random_tokens(4, 16)
+    prune(m, tokens, PruneConfig(sparsity=0.5, allocation="error", progress=False))
+    assert [g for _, g in grams[:2]] == [False, False]  # block 0: attention, then MLP
+    assert all(g for _, g in grams[2:]) and len(grams) == 2 * n_blocks
+    after = ad.blocks(m)[0].state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # block 1 on: as pruned by the reference path, where block 0's statistics are computed in full
+    monkeypatch.setattr(calibration.Stats, "new", staticmethod(lambda m, device, gram=True, **kw: new(m, device, True, **kw)))
+    ref = make()
+    prune(ref, tokens, PruneConfig(sparsity=0.5, allocation="error", progress=False))
+    for b_ref, b in zip(ad.blocks(ref)[1:], ad.blocks(m)[1:]):
+        for (k1, v1), (k2, v2) in zip(b_ref.state_dict().items(), b.state_dict().items()):
+            assert k1 == k2 and torch.equal(v1, v2), k1
