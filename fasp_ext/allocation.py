@@ -17,8 +17,8 @@ Costs:
   projection's own output energy instead, the allocation was much worse on SmolLM2; see
   bench/results/options30_smollm2.md.)
 
-The dense pass uses the first ``PruneConfig.allocation_windows`` calibration windows only (16 for the
-error curves, 32 for FLAP's rankings, unless ``allocation_samples`` says otherwise): the curves need far
+The dense pass uses the first ``PruneConfig.allocation_windows`` calibration windows only (12 for
+"error-am", 16 for "error", 32 for FLAP's rankings, unless ``allocation_samples`` says otherwise): the curves need far
 less data than the restoration, and the pass then costs a fraction of a calibration forward.
 - ``"error-am"``: the same curves ranked across blocks *and* structures: value channels and MLP
   neurons compete in one greedy, each step costed by its error per parameter it frees (both are

@@ -51,8 +51,10 @@ DEFAULT_ALLOCATION = {"fasp": "error-am", "flap": "flap", "wanda-sp": "uniform",
                       "magnitude": "uniform", "random": "uniform"}
 #: calibration windows each allocation's dense pass uses by default (``allocation_samples=None``):
 #: the error curves were as accurate from 16 windows as from 32 on both real models (within 0.3 %
-#: of perplexity at 10/20/30 %, bench/results/alloc_error_screen.md); FLAP's rankings keep 32
-ALLOCATION_SAMPLES = {"error": 16, "error-am": 16, "flap": 32, "flap-am": 32}
+#: of perplexity at 10/20/30 %, bench/results/alloc_error_screen.md), and ranked across structures
+#: (error-am) from 12 as from 16 (better in 7 of 12 entries, at most 0.4 % worse,
+#: bench/results/alloc_windows_screen.md); FLAP's rankings keep 32
+ALLOCATION_SAMPLES = {"error": 16, "error-am": 12, "flap": 32, "flap-am": 32}
 
 
 @dataclass
@@ -106,7 +108,7 @@ class PruneConfig:
     #: most any one block may lose under non-uniform allocation (None: 1.5x the sparsity, at most 0.9)
     max_block_sparsity: float | None = None
     #: calibration windows the allocation's dense pass uses (the first ones; 0: all; None: the
-    #: allocation's own default, ``ALLOCATION_SAMPLES``: 16 for "error", 32 for FLAP's rankings).
+    #: allocation's own default, ``ALLOCATION_SAMPLES``: 12 for "error-am", 16 for "error", 32 for FLAP's rankings).
     #: One-pass mode decides the allocation from its own dense pass over all windows instead, when
     #: every block's statistics fit ``store_budget_bytes``
     allocation_samples: int | None = None

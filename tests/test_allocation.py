@@ -317,12 +317,14 @@ def test_allocation_seqlen_uses_the_first_tokens_of_each_window():
 
 
 @pytest.mark.parametrize("allocation, samples, expected", [
-    ("error", None, 16), ("error-am", None, 16), ("flap", None, 32), ("flap-am", None, 32),  # each one's default
+    ("error", None, 16), ("error-am", None, 12), ("flap", None, 32), ("flap-am", None, 32),  # each one's default
+    (None, None, 12),  # fasp's default allocation, error-am
     ("error", 32, 32), ("flap", 8, 8), ("error", 0, 40),  # an explicit count wins; 0: all windows
 ])
 def test_allocation_pass_window_count(monkeypatch, allocation, samples, expected):
-    """The allocation's dense pass runs on the first ``allocation_windows`` windows: 16 for the error
-    curves and 32 for FLAP's rankings by default (ALLOCATION_SAMPLES), whatever is given otherwise."""
+    """The allocation's dense pass runs on the first ``allocation_windows`` windows: 12 for the error
+    curves across structures, 16 per structure and 32 for FLAP's rankings by default
+    (ALLOCATION_SAMPLES), whatever is given otherwise."""
     import fasp_ext.pipeline as pl
 
     seen = []
