@@ -51,6 +51,7 @@ def main() -> int:
             rep = prune(m, tokens, dataclasses.replace(cfg, sparsity=s, device="cpu"))
             row = {"method": name, "sparsity": s, "params": rep.params_after,
                    "prune_seconds": time.perf_counter() - t, "allocation": rep.allocation,
+                   "allocation_windows": rep.allocation_windows,
                    "token_weighting": rep.token_weighting}
             for e, w in windows.items():
                 row[e] = data.perplexity(m, w, progress=False)

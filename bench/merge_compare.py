@@ -20,14 +20,21 @@ sys.path.insert(0, str(ROOT))
 SETTINGS = ("model", "calib", "nsamples", "seqlen", "seed", "evals", "eval_windows")
 
 
-def explicit(row: dict, weighted: bool = False) -> dict:
+#: windows the allocation's dense pass used by default, per allocation, before rows recorded it
+#: (``allocation_windows``): error-am used 16 until 2026-12-01
+LEGACY_SAMPLES = {"error-am": 16}
+
+
+def explicit(row: dict, weighted: bool = False, nsamples: int | None = None) -> dict:
     """A row labelled as today's defaults read it: a spec that leaves the allocation to the method's
     default spells out the allocation the row was run with where today's default differs (rows from
     before the field existed ran uniform), and a window count equal to today's default for the
     row's allocation is dropped, as is an allocation equal to today's default. With ``weighted``
     (the model is one where FASP weighs tokens by the sublayer output norms, as some row of the
     merge says), a FASP row run without the weighting (rows from before the field existed) says
-    token_weighting=none. So "fasp" always means FASP as it prunes today."""
+    token_weighting=none. A row whose allocation pass used another window count than today's default
+    on ``nsamples`` calibration windows (recorded as ``allocation_windows``; ``LEGACY_SAMPLES`` for
+    rows from before) says allocation_samples=N. So "fasp" always means FASP as it prunes today."""
     from fasp_ext.pipeline import ALLOCATION_SAMPLES, DEFAULT_ALLOCATION
 
     if row["method"] == "dense":
@@ -44,6 +51,10 @@ def explicit(row: dict, weighted: bool = False) -> dict:
         parts = [o for o in parts if not o.startswith("allocation_samples=")]
     if rec == default:
         parts = [o for o in parts if o != f"allocation={rec}"]
+    used = row.get("allocation_windows", LEGACY_SAMPLES.get(rec)) if "allocation_samples" not in given else None
+    if used is not None and rec in ALLOCATION_SAMPLES and nsamples:
+        if min(int(used), nsamples) != min(ALLOCATION_SAMPLES[rec], nsamples):
+            parts.append(f"allocation_samples={min(int(used), nsamples)}")
     tw = row.get("token_weighting", "none")
     if weighted and name == "fasp" and tw == "none" and "token_weighting" not in given:
         parts.append("token_weighting=none")
@@ -60,7 +71,7 @@ def merge(parts: list[dict], sources: list[str]) -> dict:
     rows: dict[tuple, dict] = {}
     weighted = any(r.get("token_weighting") == "auto" for p in parts for r in p["rows"])
     for p in parts:
-        for r in (explicit(r, weighted) for r in p["rows"]):
+        for r in (explicit(r, weighted, p.get("nsamples")) for r in p["rows"]):
             rows[(r["method"], round(r["sparsity"], 6))] = r
     dense = [r for k, r in rows.items() if k[0] == "dense"]
     rest = sorted((r for k, r in rows.items() if k[0] != "dense"), key=lambda r: (r["sparsity"], r["method"]))

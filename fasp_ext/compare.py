@@ -86,6 +86,7 @@ def compare(model_spec: str, methods: list[str], sparsities: list[float], calib:
             rep = prune(m, tokens, cfg)
             row = {"method": name, "sparsity": s, "params": rep.params_after,
                    "prune_seconds": time.perf_counter() - t, "allocation": rep.allocation,
+                   "allocation_windows": rep.allocation_windows,
                    "token_weighting": rep.token_weighting}
             for e, w in windows.items():
                 row[e] = data.perplexity(m.to(device), w, device=device, progress=progress)

@@ -243,6 +243,9 @@ class PruneReport:
     times: dict[str, float] = field(default_factory=dict)
     calibration_tokens: int = 0
     allocation: str = "uniform"
+    #: calibration windows the allocation's own dense pass ran over (None: no such pass, i.e. uniform
+    #: allocation, or one-pass mode deciding it from its own pass over every window)
+    allocation_windows: int | None = None
     #: "auto" where the tokens were weighed by the sublayer output norms' scale (PruneConfig.token_weighting
     #: on a family with such norms), "none" where every token counted alike
     token_weighting: str = "none"
@@ -587,6 +590,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
         n_alloc = cfg.allocation_windows or all_tokens.shape[0]
         n_tok = int(cfg.allocation_seqlen) or all_tokens.shape[1]
         sub_tokens = distributed.shard(all_tokens[:n_alloc, :n_tok], set_offset=False)
+        report.allocation_windows = int(min(n_alloc, all_tokens.shape[0]))
         with timer("capture"):
             sub = capture_block_inputs(model, blocks, sub_tokens, cfg.batch_size, device, cfg.offload_activations)
     mover.captured(model)  # from here on only the decoder blocks run

@@ -212,6 +212,35 @@ def test_merge_marks_unweighted_fasp_rows_where_the_model_weighs_tokens():
     assert [r["method"] for r in plain] == ["fasp", "wanda-sp"]
 
 
+def test_merge_spells_out_the_allocation_window_count():
+    """error-am rows from before rows recorded their allocation pass's windows ran with 16; a row
+    whose count differs from today's default (on the result's calibration windows) says so."""
+    import importlib.util
+    from pathlib import Path
+
+    from fasp_ext.pipeline import ALLOCATION_SAMPLES
+
+    spec = importlib.util.spec_from_file_location("merge_compare", Path(__file__).parents[1] / "bench" / "merge_compare.py")
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+    today = ALLOCATION_SAMPLES["error-am"]
+    assert today != 16
+    base = {"model": "m", "calib": "c", "nsamples": 128, "seqlen": 8, "seed": 0, "evals": ["e"], "eval_windows": {"e": 1}}
+    old = dict(base, rows=[{"method": "fasp", "sparsity": 0.2, "e": 3.0, "allocation": "error-am"}])
+    new = dict(base, rows=[{"method": f"fasp:allocation_samples={today}", "sparsity": 0.2, "e": 2.0,
+                            "allocation": "error-am", "allocation_windows": today},
+                           {"method": "fasp", "sparsity": 0.3, "e": 4.0, "allocation": "error-am", "allocation_windows": 8},
+                           {"method": "fasp:one_pass=true", "sparsity": 0.3, "e": 5.0, "allocation": "error-am",
+                            "allocation_windows": None}])
+    merged = mc.merge([old, new], ["a.json", "b.json"])["rows"]
+    assert [(r["method"], r["sparsity"], r["e"]) for r in merged] == [
+        ("fasp", 0.2, 2.0), ("fasp:allocation_samples=16", 0.2, 3.0), ("fasp:allocation_samples=8", 0.3, 4.0),
+        ("fasp:one_pass=true", 0.3, 5.0)]
+    # on fewer calibration windows than either count, both used them all: the same setting
+    few = mc.merge([dict(old, nsamples=8)], ["a.json"])["rows"]
+    assert [r["method"] for r in few] == ["fasp"]
+
+
 @pytest.mark.parametrize("lazy", [False, True])
 def test_prune_multimodal_gemma3(texts, tmp_path, capsys, lazy):
     """A Gemma3ForConditionalGeneration folder (saved in transformers' original layout) prunes from
