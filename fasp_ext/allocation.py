@@ -96,7 +96,8 @@ def _error_costs(W, stats: Stats, ks: list[int], groups, segments: int, damp: fl
         ce = torch.tensor(ce[::-1], dtype=torch.float64)
         err = [_interp(ck, ce, k * scale) / energy for k in ks]
     else:
-        curve = score_order_curve(W, stats.s, stats.H, groups, segments, damp=damp).cpu()
+        curve = score_order_curve(W, stats.s, stats.H, groups, segments, damp=damp,
+                                  upto=(ks[0] - ks[-1]) * scale).cpu()  # as far as the cap lets a block go
         err = [float(curve[(ks[0] - k) * scale]) / energy for k in ks]
     return [max(b - a, 0.0) for a, b in zip(err, err[1:])]
 

@@ -123,7 +123,7 @@ def obs_select(W: torch.Tensor, H: torch.Tensor, k: int, groups: torch.Tensor | 
 
 @torch.no_grad()
 def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups: torch.Tensor | None = None,
-                      segments: int = 1, damp: float = 0.1) -> torch.Tensor:
+                      segments: int = 1, damp: float = 0.1, upto: int | None = None) -> torch.Tensor:
     """Restored (damped) error after removing the n lowest-scoring units, for every n at once.
 
     Units are removed in the order the default selection drops them (``score_select``: the lowest
@@ -138,6 +138,9 @@ def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups:
     and R the last r columns, the minimum is ``tr(W_R L_RR L_RR^T W_R^T)`` (the Schur complement of
     the kept block is L_RR L_RR^T), and the last r rows of ``L^T W^T`` are exactly ``L_RR^T W_R^T``;
     so e[n] is a suffix sum of the squared row norms of one triangular product.
+
+    ``upto``: only e[0..upto] (upto + 1 values). The last q units' rows of ``L^T W^T`` involve only
+    the trailing q-unit block of L (L^T is upper triangular), so the product shrinks to that block.
     """
     from .reference import column_scores, next_lambda
 
@@ -161,8 +164,11 @@ def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups:
         lam = next_lambda(lam, mean_diag)
     if int(info) != 0:
         raise RuntimeError("score_order_curve: H + damping is not positive definite (NaN or Inf in H?)")
-    Y = L.t() @ W.detach().double()[:, cols].t()                 # (m, out), upper triangular L^T
-    per_unit = Y.pow(2).sum(1).view(G, r).sum(1)                 # in kept-longest-first order
+    q = G if upto is None else max(0, min(G, int(upto)))      # units that may leave
+    c = q * r                                                    # their columns, last in the order
+    Lq = L[L.shape[0] - c:, L.shape[0] - c:]                     # trailing block of L
+    Y = Lq.t() @ W.detach().double()[:, cols[cols.numel() - c:]].t()  # the last c rows of L^T W^T
+    per_unit = Y.pow(2).sum(1).view(q, r).sum(1)                 # in kept-longest-first order
     removed = torch.cumsum(torch.flip(per_unit, (0,)), 0)        # removed[n - 1]: the last n units
     return torch.cat([torch.zeros(1, dtype=torch.float64, device=W.device), removed])
 

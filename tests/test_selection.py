@@ -202,6 +202,21 @@ def test_score_order_curve_is_the_restored_error_of_score_select(grouped, damp):
     assert all(float(b) >= float(a) - 1e-9 for a, b in zip(curve, curve[1:]))
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("upto", [0, 1, 3, 6, 100])
+def test_score_order_curve_upto_is_the_head_of_the_full_curve(grouped, upto):
+    """``upto`` computes e[0..upto] from the trailing block of the Cholesky factor only: the same
+    values as the full curve's head (to fp64 rounding); past the last unit it is the full curve."""
+    W, H = _problem(out=5, m=12, n=60, seed=3)
+    s = H.diagonal().clone()
+    groups, segments = (torch.arange(12).view(2, 2, 3).permute(0, 2, 1).reshape(6, 2), 2) if grouped else (None, 1)
+    G = 6 if grouped else 12
+    full = score_order_curve(W, s, H, groups, segments, damp=0.1)
+    head = score_order_curve(W, s, H, groups, segments, damp=0.1, upto=upto)
+    assert head.shape == (min(upto, G) + 1,)
+    torch.testing.assert_close(head, full[: min(upto, G) + 1], rtol=1e-12, atol=1e-12)
+
+
 def test_score_order_curve_removes_ties_from_the_higher_index_first():
     # equal scores: score_select keeps the lower index, so the curve must drop the higher one first
     W = torch.ones(3, 4, dtype=torch.float64)
