@@ -9,7 +9,7 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then source .venv/bin/a
 DEVICE=${DEVICE:-cpu}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 python bench/bench_ops.py --device "$DEVICE"
-[ "$DEVICE" = cpu ] && python bench/bench_gram.py
+[ "$DEVICE" = cpu ] && python bench/bench_gram.py && python bench/bench_gram_backends.py
 # end-to-end time against one dense forward, at 128 and at 32 calibration windows
 python bench/bench_e2e.py --device "$DEVICE" --models smollm2 --nsamples 128 --eval-windows 4 --repeats 2
 python bench/bench_e2e.py --device "$DEVICE" --models smollm2 --nsamples 32 --eval-windows 4 --repeats 3 \
