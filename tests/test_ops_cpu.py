@@ -132,7 +132,7 @@ _GRAM_CHECK = r"""
 import sys, torch
 from fasp_ext import ops
 out = [ops.cpu_gram_backend()]
-for m in (128, 129, 500, 1537):
+for m in (128, 129, 500, 1537, 4100):  # 4100: past the SYRK path's 4096-column panel
     g = torch.Generator().manual_seed(m)
     X = torch.randn(300, m, generator=g); H0 = torch.randn(m, m, generator=g)
     H = H0.clone(); s = torch.zeros(m)
@@ -146,8 +146,8 @@ print(" ".join(map(str, out)))
 @needs_lib
 def test_stats_gram_backends_both_exact():
     """The CPU kernel's two Gram updates, chosen per process: MKL's SYRK where torch ships MKL (x86-64
-    Linux wheels), blocked GEMMs otherwise or with FASP_EXT_SYRK=0. Both give H0 + X^T X for a
-    non-symmetric H0, each in its own process."""
+    Linux wheels, in column panels of at most 4096), blocked GEMMs otherwise or with FASP_EXT_SYRK=0.
+    Both give H0 + X^T X for a non-symmetric H0, each in its own process."""
     import subprocess
     import sys
 
