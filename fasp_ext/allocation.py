@@ -124,12 +124,18 @@ def _flap_costs(W, stats: Stats, ks: list[int], groups, segments: int) -> list[f
     return costs
 
 
-@torch.no_grad()
 def plan(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> list[dict]:
     """Per block ``{"v_keep": kept value channels per kv head or None, "mlp_keep": kept MLP width or None}``.
 
     Runs the blocks densely over ``inputs`` (whose hidden states it overwrites with the dense outputs).
     """
+    return decide(dense_costs(adapter, blocks, mcfg, inputs, cfg, device, timer, mover)[0], cfg)
+
+
+@torch.no_grad()
+def dense_costs(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> tuple[list[list], list[tuple]]:
+    """The dense pass of ``plan``: every block's ``block_costs`` entry, and per block the residual
+    stream's energy entering and leaving it (``(0.0, 0.0)`` for the FLAP rankings)."""
     if mover is None:
         from .calibration import BlockMover
 
@@ -145,6 +151,7 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> list[
                       unit="block")
     # the stream's energy entering each block is the energy leaving the one before: one sum per boundary
     energy_in = stream_energy(inputs.hidden, device) if need_gram else 0.0
+    energies = []
     for i in steps_:
         block = mover.fetch(blocks, i, device)
         hooks, st_o, st_d = [], None, None
@@ -165,9 +172,10 @@ def plan(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> list[
         inputs.hidden[:] = outs
         with timer("allocation_costs"):
             per_block.append(block_costs(adapter, block, mcfg, cfg, st_o, st_d, energy_in, energy_out))
+        energies.append((energy_in, energy_out))
         energy_in = energy_out
         mover.release(blocks, i, block, final=False)
-    return decide(per_block, cfg)
+    return per_block, energies
 
 
 def stream_energy(hidden: list[torch.Tensor], device) -> float:
@@ -216,11 +224,15 @@ def block_costs(adapter, block, mcfg, cfg, st_o: Stats | None, st_d: Stats | Non
     return entry
 
 
-def decide(per_block: list[list], cfg) -> list[dict]:
+def decide(per_block: list[list], cfg, fixed: dict | None = None) -> list[dict]:
     """Kept counts per block from every block's ``block_costs``: one greedy per structure, or
     (flap-am, error-am) one over both with counts weighed in parameters, to the total uniform pruning
     keeps. error-am compares the error of each step per parameter it frees (both structures' errors
-    are relative perturbations of the residual stream); flap-am compares its per-unit scores."""
+    are relative perturbations of the residual stream); flap-am compares its per-unit scores.
+
+    ``fixed``: ``{(block, "v_keep" or "mlp_keep"): kept count}`` already decided (and applied): those
+    stay as they are, and the others share what is left of the budget (``allocation_replan``)."""
+    fixed = fixed or {}
     from .pipeline import kept_count
 
     kind = cfg.allocation_kind
@@ -231,18 +243,23 @@ def decide(per_block: list[list], cfg) -> list[dict]:
     groups_ = [parts] if joint else [[p] for p in parts]
     result = [{"v_keep": None, "mlp_keep": None} for _ in per_block]
     for group in groups_:
-        keys, steps, costs, weights, uniform = [], [], [], [], []
+        keys, steps, costs, weights, uniform, spent = [], [], [], [], [], 0
         for idx, key, frac, mult in group:
             for b in range(len(per_block)):
                 ks, c, unit = per_block[b][idx]
+                w = unit if joint else 1
+                if (b, key) in fixed:  # decided already: what it keeps counts against the budget
+                    spent += fixed[b, key] * w - kept_count(ks[0], frac, mult) * w
+                    result[b][key] = fixed[b, key]
+                    continue
                 keys.append((b, key))
                 steps.append(ks)
                 if kind == "error-am":  # a step's error per parameter it frees
                     c = [cj / max((ks[j] - ks[j + 1]) * unit, 1) for j, cj in enumerate(c)]
                 costs.append(c)
-                weights.append(unit if joint else 1)
+                weights.append(w)
                 uniform.append(kept_count(ks[0], frac, mult))
-        budget = sum(k * w for k, w in zip(uniform, weights))
+        budget = sum(k * w for k, w in zip(uniform, weights)) - spent
         pos = greedy_budget(costs, [[k * w for k in ks] for ks, w in zip(steps, weights)], budget)
         for (b, key), ks, p in zip(keys, steps, pos):
             result[b][key] = ks[p]

@@ -114,6 +114,10 @@ class PruneConfig:
     allocation_samples: int | None = None
     #: tokens of each of those windows the allocation's dense pass uses (the first ones; 0: all)
     allocation_seqlen: int = 0
+    #: sequential mode, "error"/"error-am" allocation: decide each block's kept counts again just
+    #: before pruning it, from its own statistics (every window, the pruned model's stream), over what
+    #: is left of the budget; the dense pass's curves stand in for the blocks not reached yet
+    allocation_replan: bool = False
     #: what the restoration fits (sequential mode, method fasp): "pruned" (the FASP default: W x with
     #: x the pruned model's own inputs) or "dense" (W x_dense, the dense model's output, so errors
     #: of earlier blocks are corrected too; one extra dense forward per block)
@@ -163,6 +167,9 @@ class PruneConfig:
 
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation_replan and (self.one_pass or self.allocation_kind not in ("error", "error-am")):
+            raise ValueError("allocation_replan needs sequential mode (one_pass=False) and allocation 'error' or "
+                             f"'error-am', got one_pass={self.one_pass} and allocation {self.allocation_kind!r}")
         mbs = self.max_block_sparsity
         if mbs is not None and (not isinstance(mbs, (int, float)) or not (0.0 < float(mbs) < 1.0)):
             raise ValueError(f"max_block_sparsity must be a number in (0, 1), got {mbs!r}")
@@ -246,6 +253,8 @@ class PruneReport:
     #: calibration windows the allocation's own dense pass ran over (None: no such pass, i.e. uniform
     #: allocation, or one-pass mode deciding it from its own pass over every window)
     allocation_windows: int | None = None
+    #: whether each block's kept counts were decided again from its own statistics (``allocation_replan``)
+    allocation_replan: bool = False
     #: "auto" where the tokens were weighed by the sublayer output norms' scale (PruneConfig.token_weighting
     #: on a family with such norms), "none" where every token counted alike
     token_weighting: str = "none"
@@ -594,10 +603,14 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
         with timer("capture"):
             sub = capture_block_inputs(model, blocks, sub_tokens, cfg.batch_size, device, cfg.offload_activations)
     mover.captured(model)  # from here on only the decoder blocks run
+    replan = allocate and cfg.allocation_replan and not fold
+    report.allocation_replan = replan
     if allocate and not fold:
-        from .allocation import plan
+        from .allocation import decide, dense_costs
 
-        keeps = plan(adapter, blocks, mcfg, sub, cfg, device, timer, mover)
+        per_block, energies = dense_costs(adapter, blocks, mcfg, sub, cfg, device, timer, mover)
+        keeps = decide(per_block, cfg)
+        fixed: dict = {}  # with replan: the kept counts decided so far, block by block
         del sub
     pre_stats = None
     if fold:
@@ -652,11 +665,17 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
                 h.remove()
             dense_inputs = dense_inputs.with_hidden(dense_outs)
         replay = contextlib.nullcontext  # after pruning the attention: replays it from its stored inputs
+        if replan:  # the energy of the stream this block adds to (the allocation's normaliser)
+            from .allocation import block_costs, stream_energy
+
+            e_in = stream_energy(inputs.hidden, device)
         if prune_attn:
-            # a structure the allocation keeps whole is left as it is: no Gram matrix for it
+            # a structure the allocation keeps whole is left as it is: no Gram matrix for it (unless
+            # replanning may change that and has to see its curve)
             dv = adapter.value_pair(block)[0].out_features // adapter.head_geometry(mcfg)[1]
-            whole = keeps[i]["v_keep"] is not None and keeps[i]["v_keep"] == dv
-            st = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram and not whole,
+            whole = keeps[i]["v_keep"] is not None and keeps[i]["v_keep"] == dv and \
+                not (replan and len(per_block[i][0][0]) > 1)
+            st = Stats.new(adapter.value_pair(block)[1].in_features, device, (need_gram or replan) and not whole,
                            store=can_replay, val_every=val_every)
             st.store_device = inputs.hidden[0].device
             st.dense = x_dense["attn"]
@@ -665,6 +684,10 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
                 run_block(block, inputs, keep_outputs=False)
             h.remove()
             st.reduce()
+            if replan:
+                with timer("allocation_costs"):
+                    per_block[i][0] = block_costs(adapter, block, mcfg, cfg, st, None, e_in, 0.0)[0]
+                    keeps[i]["v_keep"] = fixed[i, "v_keep"] = decide(per_block, cfg, fixed)[i]["v_keep"]
             with timer("solve_attention"):
                 rep, kept_cols = _prune_values(adapter, block, mcfg, st, cfg, gen, keeps[i]["v_keep"])
                 info.update(rep)
@@ -676,8 +699,10 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             info["v_head_dim"] = adapter.value_head_dim(block, mcfg)
         if prune_mlp_:
             ins, out = adapter.mlp_pair(block)
-            whole = keeps[i]["mlp_keep"] is not None and keeps[i]["mlp_keep"] == out.in_features
-            st = Stats.new(out.in_features, device, need_gram and not whole, store=can_correct, val_every=val_every)
+            whole = keeps[i]["mlp_keep"] is not None and keeps[i]["mlp_keep"] == out.in_features and \
+                not (replan and len(per_block[i][1][0]) > 1)
+            st = Stats.new(out.in_features, device, (need_gram or replan) and not whole, store=can_correct,
+                           val_every=val_every)
             st.store_device = inputs.hidden[0].device
             st.dense = x_dense["mlp"]
             # with the correction the pass stops at the output projection, keeping its inputs and the
@@ -691,6 +716,14 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             for h in hooks:
                 h.remove()
             st.reduce()
+            if replan:
+                with timer("allocation_costs"):
+                    # the stream the MLP adds to: the dense pass's ratio of the block's output energy
+                    # to its input's, applied to this stream's (its output is not computed yet)
+                    e_pin, e_pout = energies[i]
+                    e_out = e_in * e_pout / e_pin if e_pin > 0 else e_pout
+                    per_block[i][1] = block_costs(adapter, block, mcfg, cfg, None, st, 0.0, e_out)[1]
+                    keeps[i]["mlp_keep"] = fixed[i, "mlp_keep"] = decide(per_block, cfg, fixed)[i]["mlp_keep"]
             with timer("solve_mlp"):
                 rep, change = prune_mlp(adapter, block, st, cfg, gen, keeps[i]["mlp_keep"])
             info.update(rep)

@@ -89,6 +89,73 @@ def test_error_am_spends_the_cheapest_error_per_parameter_first():
     assert decide(per_block, cfg) == [{"v_keep": 3, "mlp_keep": 8}]
 
 
+def test_decide_with_fixed_structures_shares_what_is_left_of_the_budget():
+    """``decide(fixed=...)`` (allocation_replan): decided structures stay as given and count against
+    the budget; the others share the rest by the same greedy."""
+    from types import SimpleNamespace
+
+    from fasp_ext.allocation import decide
+
+    cfg = SimpleNamespace(allocation_kind="error-am", attn_fraction=0.25, mlp_fraction=0.5, attn_multiple=1,
+                          mlp_multiple=8)
+    # per parameter: block 0 attention 0.01, 0.02; MLP 0.375; block 1 attention 0.5, 0.6; MLP 0.0625.
+    # uniform keeps 2 x (3 x 10 + 8) = 76 of 112 parameters
+    per_block = [[([4, 3, 2], [0.1, 0.2], 10), ([16, 8], [3.0], 1)],
+                 [([4, 3, 2], [5.0, 6.0], 10), ([16, 8], [0.5], 1)]]
+    full = decide(per_block, cfg)
+    assert full == [{"v_keep": 2, "mlp_keep": 8}, {"v_keep": 4, "mlp_keep": 8}]
+    # fixing block 0 where the greedy put it changes nothing for block 1
+    assert decide(per_block, cfg, {(0, "v_keep"): 2, (0, "mlp_keep"): 8}) == full
+    # block 0's attention kept whole after all (10 parameters over its uniform share): the 36 left of
+    # the budget for the others, from 72, take block 1's MLP step, block 0's, then both of block 1's
+    # value steps (total 40 + 8 + 20 + 8 = 76)
+    assert decide(per_block, cfg, {(0, "v_keep"): 4}) == [{"v_keep": 4, "mlp_keep": 8}, {"v_keep": 2, "mlp_keep": 8}]
+    # per structure ("error"): a fixed count only moves its own structure's budget (uniform: 3 + 3
+    # value channels): block 0 keeping 4 leaves 2 for block 1
+    cfg.allocation_kind = "error"
+    assert decide(per_block, cfg, {(0, "v_keep"): 4})[1]["v_keep"] == 2
+    assert decide(per_block, cfg, {(0, "v_keep"): 2})[1]["v_keep"] == 4
+
+
+@pytest.mark.parametrize("family", list(MAKERS))
+def test_allocation_replan_keeps_the_budget_uses_every_window_and_reloads(family, monkeypatch, tmp_path):
+    """``allocation_replan``: each block's curves are computed again from its own statistics over every
+    calibration window (after the dense pass's over its 2 windows), the parameters removed are what
+    uniform removes up to one step, and the model reloads. With the dense pass over every window,
+    block 0's attention sees what the dense pass saw, so its decision is the plan's."""
+    import fasp_ext.allocation as alloc
+
+    toks = random_tokens(8, 24)
+    seen = []
+    costs = alloc.block_costs
+    monkeypatch.setattr(alloc, "block_costs", lambda ad, blk, mcfg, cfg, st_o, st_d, *a: (
+        seen.append(float((st_o if st_o is not None else st_d).n)), costs(ad, blk, mcfg, cfg, st_o, st_d, *a))[1])
+    u, a = MAKERS[family](), MAKERS[family]()
+    ru = prune(u, toks, PruneConfig(sparsity=0.25, allocation="uniform", progress=False))
+    ra = prune(a, toks, PruneConfig(sparsity=0.25, allocation_replan=True, allocation_samples=2, progress=False))
+    n_blocks = len(ra.blocks)
+    assert ra.allocation_replan and seen == [2.0 * 24] * n_blocks + [8.0 * 24] * (2 * n_blocks)
+    ad = adapter_for(a)
+    block = ad.blocks(MAKERS[family]())[0]
+    n, kv, hd = ad.head_geometry(a.config)
+    ins, out = ad.mlp_pair(block)
+    v, _ = ad.value_pair(block)
+    step = max(8 * (sum(l.in_features + (l.bias is not None) for l in ins) + out.out_features),
+               kv * (v.in_features + (v.bias is not None)) + n * out.out_features)
+    removed_u = ru.params_before - ru.params_after
+    removed_a = ra.params_before - ra.params_after
+    assert removed_u <= removed_a < removed_u + step
+    ev = random_tokens(2, 24, seed=3)
+    m2 = load_pruned(save_pruned(a, tmp_path / "p"))
+    with torch.no_grad():
+        assert torch.equal(m2(ev).logits, a(ev).logits)
+    monkeypatch.setattr(alloc, "block_costs", costs)
+    rp = prune(MAKERS[family](), toks, PruneConfig(sparsity=0.25, allocation_samples=0, progress=False))
+    rr = prune(MAKERS[family](), toks, PruneConfig(sparsity=0.25, allocation_samples=0, allocation_replan=True,
+                                                  progress=False))
+    assert rr.blocks[0]["v_head_dim"] == rp.blocks[0]["v_head_dim"]
+
+
 @pytest.mark.parametrize("allocation", ["flap-am", "error-am"])
 @pytest.mark.parametrize("family", list(MAKERS))
 def test_flap_am_moves_budget_between_structures_for_the_same_parameters(family, allocation, tmp_path):
@@ -194,6 +261,9 @@ def test_obs_selection_runs_and_lowers_error(family):
     ({"method": "depth3"}, "method must be one of"),
     ({"allocation": "owl"}, "allocation must be"),
     ({"max_block_sparsity": 1.0}, "max_block_sparsity"),
+    ({"allocation_replan": True, "one_pass": True}, "allocation_replan needs sequential mode"),
+    ({"allocation_replan": True, "allocation": "flap"}, "allocation_replan needs .* 'error-am', got .*'flap'"),
+    ({"allocation_replan": True, "method": "wanda-sp"}, "allocation_replan needs .*'uniform'"),
 ])
 def test_bad_options(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -362,7 +432,8 @@ def test_structure_kept_whole_gets_no_gram_and_is_untouched(make, monkeypatch):
     width = ad.mlp_width(ad.blocks(base)[0])
     keeps = [{"v_keep": dv // 2, "mlp_keep": kept_count(width, 0.5, 8)} for _ in range(n_blocks)]
     keeps[0] = {"v_keep": dv, "mlp_keep": width}  # block 0 kept whole in both structures
-    monkeypatch.setattr(alloc, "plan", lambda *a, **k: [dict(x) for x in keeps])
+    monkeypatch.setattr(alloc, "dense_costs", lambda *a, **k: (None, None))  # no dense pass: the kept counts below
+    monkeypatch.setattr(alloc, "decide", lambda *a, **k: [dict(x) for x in keeps])
     grams = []
     new = calibration.Stats.new
     monkeypatch.setattr(calibration.Stats, "new", staticmethod(lambda m, device, gram=True, **kw: (
