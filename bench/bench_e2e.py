@@ -100,6 +100,10 @@ def worker(args) -> dict:
     else:
         cfg = PruneConfig(sparsity=args.sparsity, one_pass=args.mode == "one-pass", device=args.device,
                           batch_size=args.batch_size, allocation=args.allocation, progress=False)
+        if args.mode == "variant":  # sequential with the --variant settings
+            from fasp_ext.compare import parse_method
+
+            cfg = parse_method("fasp:" + args.variant, cfg)
         t = time.perf_counter()
         rep = prune(model, tokens, cfg)
         out["seconds"] = time.perf_counter() - t
@@ -120,6 +124,8 @@ def run_worker(ns, model: str, mode: str) -> dict:
            "--sparsity", str(ns.sparsity), "--threads", str(ns.threads), "--eval-windows", str(ns.eval_windows)]
     if ns.allocation:
         cmd += ["--allocation", ns.allocation]
+    if ns.variant:
+        cmd += ["--variant", ns.variant]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if res.returncode != 0:
         raise RuntimeError(f"worker {model}/{mode} failed:\n{res.stderr[-3000:]}")
@@ -159,13 +165,20 @@ def to_markdown(info: dict, rows: list[dict]) -> str:
             f"{_with_load(r)} | "
             f"{r['dense']['peak_mib']:.0f} / {r['sequential']['peak_mib']:.0f} / {r['one-pass']['peak_mib']:.0f} | "
             f"{ppl} |")
-    lines += ["", "Phases of the sequential run (seconds):", "",
-              "| model | " + " | ".join(sorted({k for r in rows for k in r["sequential"]["phases"]})) + " |"]
-    keys = sorted({k for r in rows for k in r["sequential"]["phases"]})
-    lines.append("|---|" + "---|" * len(keys))
     for r in rows:
-        lines.append(f"| {r['model']} | " + " | ".join(f"{r['sequential']['phases'].get(k, 0):.2f}" for k in keys)
-                     + " |")
+        if "variant" in r:
+            v = r["variant"]
+            lines += ["", f"Variant (sequential with `{info['variant']}`), {r['model']}: {v['seconds']:.2f} s, "
+                      f"ratio {_ratio(r, 'ratio_variant')}, with load {r['ratio_variant_with_load']:.2f}, "
+                      f"peak {v['peak_mib']:.0f} MiB" + (f", ppl P&P {v['ppl_prideprejudice']:.2f}"
+                                                         if "ppl_prideprejudice" in v else "")]
+    runs = [(r["model"] + (" (variant)" if mode == "variant" else ""), r[mode]["phases"])
+            for r in rows for mode in ("sequential", "variant") if mode in r]
+    keys = sorted({k for _, ph in runs for k in ph})
+    lines += ["", "Phases of the sequential run (seconds):", "", "| model | " + " | ".join(keys) + " |",
+              "|---|" + "---|" * len(keys)]
+    for name, ph in runs:
+        lines.append(f"| {name} | " + " | ".join(f"{ph.get(k, 0):.2f}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -181,6 +194,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--allocation", default=None, choices=["uniform", "error", "error-am", "flap", "flap-am"],
                     help="per-block allocation (default: the library's default for fasp)")
+    ap.add_argument("--variant", default=None,
+                    help="also time sequential mode with these PruneConfig settings, interleaved with the others "
+                         "(e.g. allocation_replan,allocation_samples=4)")
     ap.add_argument("--eval-windows", type=int, default=32, help="P&P windows for the SmolLM2 accuracy check")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each mode (interleaved); the median is reported")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -200,21 +216,27 @@ def main() -> None:
     info.update({"device": ns.device, "sparsity": ns.sparsity,
                  "allocation": PruneConfig(allocation=ns.allocation).allocation_kind})
     info["repeats"] = ns.repeats
+    modes = MODES + (("variant",) if ns.variant else ())
+    if ns.variant:
+        info["variant"] = ns.variant
     rows = []
     for model in ns.models:
         r = {"model": model, "git_commit": info["git_commit"], "allocation": info["allocation"]}
-        runs = {mode: [] for mode in MODES}
+        runs = {mode: [] for mode in modes}
         for rep in range(ns.repeats):  # the modes interleaved, so load drifts hit all of them alike
-            for mode in MODES:
+            for mode in modes:
                 runs[mode].append(run_worker(ns, model, mode))
                 x = runs[mode][-1]
                 print(f"{model:>16} {mode:>10} #{rep}: {x['seconds']:.2f} s (+ load {x['load_seconds']:.2f} s), "
                       f"peak {x['peak_mib']:.0f} MiB", flush=True)
-        for mode in MODES:  # the median run, with every run's time
+        for mode in modes:  # the median run, with every run's time
             xs = sorted(runs[mode], key=lambda x: x["seconds"])
             r[mode] = {**xs[len(xs) // 2], "all_seconds": [x["seconds"] for x in runs[mode]],
                        "all_load_seconds": [x["load_seconds"] for x in runs[mode]]}
-        for mode, key in (("sequential", "ratio_sequential"), ("one-pass", "ratio_one_pass")):
+        for mode, key in (("sequential", "ratio_sequential"), ("one-pass", "ratio_one_pass"),
+                          ("variant", "ratio_variant")):
+            if mode not in runs:
+                continue
             ratios = [p["seconds"] / d["seconds"] for p, d in zip(runs[mode], runs["dense"])]
             with_load = [(p["seconds"] + p["load_seconds"]) / (d["seconds"] + d["load_seconds"])
                          for p, d in zip(runs[mode], runs["dense"])]

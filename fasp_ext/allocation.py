@@ -266,6 +266,57 @@ def decide(per_block: list[list], cfg, fixed: dict | None = None) -> list[dict]:
     return result
 
 
+class Replanner:
+    """``allocation_replan``: the sequential pass decides each block's kept counts again just before
+    pruning it, from the block's own statistics (every calibration window, the pruned model's stream),
+    over what is left of the budget. The dense pass's curves (``dense_costs``) stand in for the blocks
+    not reached yet, scaled per structure by how the curves computed so far compare with the dense
+    pass's for the same blocks (curves from few windows fit their own tokens too well, and so
+    understate the error; left as they are, the blocks still ahead would look cheap)."""
+
+    def __init__(self, per_block: list[list], energies: list[tuple], cfg):
+        self.dense = per_block                      # the dense pass's entries, as they came
+        self.now = [list(e) for e in per_block]     # what decide sees: computed ones, scaled forecasts
+        self.energies = energies
+        self.cfg = cfg
+        self.fixed: dict = {}
+        self.seen = {0: [0.0, 0.0], 1: [0.0, 0.0]}  # per structure: sums of computed and dense costs
+        self.e_in = 0.0
+
+    def enter(self, i: int, hidden, device) -> None:
+        """Block ``i`` starts: the energy of the stream it adds to (the allocation's normaliser)."""
+        self.e_in = stream_energy(hidden, device)
+
+    def may_change(self, i: int, which: str) -> bool:
+        """Whether block ``i``'s structure has more than one allowed kept count (so needs its curve)."""
+        entry = self.dense[i][0 if which == "attn" else 1]
+        return entry is not None and len(entry[0]) > 1
+
+    def decide(self, adapter, block, mcfg, i: int, which: str, st: Stats) -> int:
+        """The kept count of block ``i``'s ``which`` ("attn": per kv head, "mlp") from ``st``, its input
+        statistics on the pruned model's stream, and the others' curves; fixed from then on."""
+        idx = 0 if which == "attn" else 1
+        if which == "attn":
+            entry = block_costs(adapter, block, mcfg, self.cfg, st, None, self.e_in, 0.0)[0]
+        else:  # the MLP adds to the block's output: the dense pass's ratio of the block's output
+            e_in, e_out = self.energies[i]  # energy to its input's, on this stream's input energy
+            entry = block_costs(adapter, block, mcfg, self.cfg, None, st, 0.0,
+                                self.e_in * e_out / e_in if e_in > 0 else e_out)[1]
+        self.now[i][idx] = entry
+        self.seen[idx][0] += sum(entry[1])
+        self.seen[idx][1] += sum(self.dense[i][idx][1])
+        for j in (0, 1):  # the forecasts of the structures not decided yet, scaled
+            num, den = self.seen[j]
+            scale = num / den if num > 0 and den > 0 else 1.0
+            for b in range(i, len(self.dense)):
+                d = self.dense[b][j]
+                if d is not None and (b, ("v_keep", "mlp_keep")[j]) not in self.fixed and not (b == i and j == idx):
+                    self.now[b][j] = (d[0], [c * scale for c in d[1]], d[2])
+        key = ("v_keep", "mlp_keep")[idx]
+        self.fixed[i, key] = decide(self.now, self.cfg, self.fixed)[i][key]
+        return self.fixed[i, key]
+
+
 def _unit_params(adapter, block, mcfg, which: str) -> int:
     """Parameters freed by one step unit: a value channel in every kv head (its v_proj rows and the
     o_proj columns of every query head reading it), or one MLP neuron (its input rows, output column)."""

@@ -610,7 +610,10 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
 
         per_block, energies = dense_costs(adapter, blocks, mcfg, sub, cfg, device, timer, mover)
         keeps = decide(per_block, cfg)
-        fixed: dict = {}  # with replan: the kept counts decided so far, block by block
+        if replan:
+            from .allocation import Replanner
+
+            replanner = Replanner(per_block, energies, cfg)
         del sub
     pre_stats = None
     if fold:
@@ -665,16 +668,14 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
                 h.remove()
             dense_inputs = dense_inputs.with_hidden(dense_outs)
         replay = contextlib.nullcontext  # after pruning the attention: replays it from its stored inputs
-        if replan:  # the energy of the stream this block adds to (the allocation's normaliser)
-            from .allocation import block_costs, stream_energy
-
-            e_in = stream_energy(inputs.hidden, device)
+        if replan:
+            replanner.enter(i, inputs.hidden, device)
         if prune_attn:
             # a structure the allocation keeps whole is left as it is: no Gram matrix for it (unless
             # replanning may change that and has to see its curve)
             dv = adapter.value_pair(block)[0].out_features // adapter.head_geometry(mcfg)[1]
             whole = keeps[i]["v_keep"] is not None and keeps[i]["v_keep"] == dv and \
-                not (replan and len(per_block[i][0][0]) > 1)
+                not (replan and replanner.may_change(i, "attn"))
             st = Stats.new(adapter.value_pair(block)[1].in_features, device, (need_gram or replan) and not whole,
                            store=can_replay, val_every=val_every)
             st.store_device = inputs.hidden[0].device
@@ -686,8 +687,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             st.reduce()
             if replan:
                 with timer("allocation_costs"):
-                    per_block[i][0] = block_costs(adapter, block, mcfg, cfg, st, None, e_in, 0.0)[0]
-                    keeps[i]["v_keep"] = fixed[i, "v_keep"] = decide(per_block, cfg, fixed)[i]["v_keep"]
+                    keeps[i]["v_keep"] = replanner.decide(adapter, block, mcfg, i, "attn", st)
             with timer("solve_attention"):
                 rep, kept_cols = _prune_values(adapter, block, mcfg, st, cfg, gen, keeps[i]["v_keep"])
                 info.update(rep)
@@ -700,7 +700,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
         if prune_mlp_:
             ins, out = adapter.mlp_pair(block)
             whole = keeps[i]["mlp_keep"] is not None and keeps[i]["mlp_keep"] == out.in_features and \
-                not (replan and len(per_block[i][1][0]) > 1)
+                not (replan and replanner.may_change(i, "mlp"))
             st = Stats.new(out.in_features, device, (need_gram or replan) and not whole, store=can_correct,
                            val_every=val_every)
             st.store_device = inputs.hidden[0].device
@@ -718,12 +718,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             st.reduce()
             if replan:
                 with timer("allocation_costs"):
-                    # the stream the MLP adds to: the dense pass's ratio of the block's output energy
-                    # to its input's, applied to this stream's (its output is not computed yet)
-                    e_pin, e_pout = energies[i]
-                    e_out = e_in * e_pout / e_pin if e_pin > 0 else e_pout
-                    per_block[i][1] = block_costs(adapter, block, mcfg, cfg, None, st, 0.0, e_out)[1]
-                    keeps[i]["mlp_keep"] = fixed[i, "mlp_keep"] = decide(per_block, cfg, fixed)[i]["mlp_keep"]
+                    keeps[i]["mlp_keep"] = replanner.decide(adapter, block, mcfg, i, "mlp", st)
             with timer("solve_mlp"):
                 rep, change = prune_mlp(adapter, block, st, cfg, gen, keeps[i]["mlp_keep"])
             info.update(rep)

@@ -117,6 +117,40 @@ def test_decide_with_fixed_structures_shares_what_is_left_of_the_budget():
     assert decide(per_block, cfg, {(0, "v_keep"): 2})[1]["v_keep"] == 4
 
 
+def test_replanner_scales_the_forecasts_by_the_curves_computed_so_far(monkeypatch):
+    """The dense pass's curves of the blocks not reached yet are scaled per structure by the ratio of
+    the curves computed so far to the dense pass's for the same blocks (few windows understate the
+    error); a decided structure is fixed, and the budget stays the uniform one."""
+    from types import SimpleNamespace
+
+    import fasp_ext.allocation as alloc
+
+    cfg = SimpleNamespace(allocation_kind="error-am", attn_fraction=0.25, mlp_fraction=0.5, attn_multiple=1,
+                          mlp_multiple=8)
+    dense = [[([4, 3, 2], [1.0, 2.0], 10), ([16, 8], [8.0], 1)] for _ in range(3)]
+    r = alloc.Replanner(dense, [(1.0, 2.0)] * 3, cfg)
+    r.e_in = 1.0
+    seen = []
+    monkeypatch.setattr(alloc, "block_costs", lambda ad, blk, mcfg, c, st_o, st_d, e_in, e_out: (
+        seen.append((e_in, e_out)), [([4, 3, 2], [3.0, 6.0], 10), ([16, 8], [4.0], 1)])[1])
+    v0 = r.decide(None, None, None, 0, "attn", None)
+    # attention curves seen: 9 against the dense pass's 3, so the other attention forecasts are 3x;
+    # no MLP curve seen yet, so the MLP's stay
+    assert [r.now[b][0][1] for b in (1, 2)] == [[3.0, 6.0]] * 2 and [r.now[b][1][1] for b in range(3)] == [[8.0]] * 3
+    assert r.dense[1][0][1] == [1.0, 2.0] and r.fixed == {(0, "v_keep"): v0}
+    assert v0 == alloc.decide(r.now, cfg)[0]["v_keep"]
+    m0 = r.decide(None, None, None, 0, "mlp", None)
+    # the MLP normaliser: this stream's input energy (1) times the dense pass's output/input ratio (2)
+    assert seen == [(1.0, 0.0), (0.0, 2.0)]
+    assert [r.now[b][1][1] for b in (1, 2)] == [[4.0]] * 2 and r.now[0][1][1] == [4.0]
+    # everything decided: the parameters kept are at most the uniform budget, 3 x (3 x 10 + 8)
+    for b in (1, 2):
+        r.decide(None, None, None, b, "attn", None)
+        r.decide(None, None, None, b, "mlp", None)
+    kept = [r.fixed[b, "v_keep"] * 10 + r.fixed[b, "mlp_keep"] for b in range(3)]
+    assert (v0, m0) == (r.fixed[0, "v_keep"], r.fixed[0, "mlp_keep"]) and sum(kept) <= 3 * 38
+
+
 @pytest.mark.parametrize("family", list(MAKERS))
 def test_allocation_replan_keeps_the_budget_uses_every_window_and_reloads(family, monkeypatch, tmp_path):
     """``allocation_replan``: each block's curves are computed again from its own statistics over every
