@@ -10,10 +10,12 @@ DEVICE=${DEVICE:-cpu}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 python bench/bench_ops.py --device "$DEVICE"
 [ "$DEVICE" = cpu ] && python bench/bench_gram.py && python bench/bench_gram_backends.py
-# end-to-end time against one dense forward, at 128 and at 32 calibration windows
-python bench/bench_e2e.py --device "$DEVICE" --models smollm2 --nsamples 128 --eval-windows 4 --repeats 2
-python bench/bench_e2e.py --device "$DEVICE" --models smollm2 --nsamples 32 --eval-windows 4 --repeats 3 \
-  --stem "e2e_${DEVICE}_32"
+# end-to-end time against one dense forward, at 128 and at 32 calibration windows, with the
+# replanning option (README: Pruning time) interleaved
+python bench/bench_e2e.py --device "$DEVICE" --models smollm2 --nsamples 128 --repeats 2 \
+  --variant allocation_replan,allocation_samples=4
+python bench/bench_e2e.py --device "$DEVICE" --models smollm2 --nsamples 32 --repeats 3 \
+  --variant allocation_replan,allocation_samples=4 --stem "e2e_${DEVICE}_32"
 python bench/bench_inference.py --device "$DEVICE"
 # baselines and FASP at 10/20/30 % (the README's quality table). A bare method name takes that
 # method's own allocation (error curves for fasp, FLAP's ranking for flap, uniform for the others).

@@ -69,6 +69,15 @@ def test_prune_then_eval(model_dir, texts, tmp_path, capsys):
     assert after == pytest.approx(rep["perplexity_after"][str(texts / "eval.txt")], rel=1e-5)
 
 
+def test_allocation_flags_reach_the_run(model_dir, texts, tmp_path):
+    out = tmp_path / "pruned"
+    assert main(_prune_args(model_dir, texts, out, "--sparsity", "0.25", "--allocation-samples", "2",
+                            "--allocation-replan")) == 0
+    rep = json.loads((out / "fasp_report.json").read_text())
+    assert rep["allocation_replan"] is True and rep["allocation_windows"] == 2 and rep["allocation"] == "error-am"
+    assert rep["params_after"] < rep["params_before"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--sparsity", "1.0"], "sparsity"),
     (["--sparsity", "-0.1"], "sparsity"),
@@ -76,6 +85,8 @@ def test_prune_then_eval(model_dir, texts, tmp_path, capsys):
     (["--nsamples", "0"], "nsamples"),
     (["--damp", "lots"], "--damp"),
     (["--method", "nope"], "method"),
+    (["--allocation-replan", "--one-pass"], "allocation_replan needs sequential mode"),
+    (["--allocation-samples", "-1"], "allocation_samples must be >= 0"),
 ])
 def test_bad_arguments_write_nothing(model_dir, texts, tmp_path, capsys, extra, message):
     out = tmp_path / "never"
