@@ -31,6 +31,10 @@ less data than the restoration, and the pass then costs a fraction of a calibrat
   weighs the parameters its removal frees), so the split between attention and MLP moves too; the
   total of pruned parameters is what uniform pruning removes, up to the rounding of the steps.
 
+With ``allocation_replan`` (sequential mode, error curves) the kept counts are decided again block by
+block during the sequential pass, from each block's own curve over every window (``Replanner``); the
+dense pass's curves then only forecast the blocks not reached yet.
+
 A block keeps at least ``1 - max_block_sparsity`` of each structure (default: removes at most 1.5x
 the structure's overall sparsity, and never more than 90 %).
 """

@@ -117,6 +117,25 @@ def test_decide_with_fixed_structures_shares_what_is_left_of_the_budget():
     assert decide(per_block, cfg, {(0, "v_keep"): 2})[1]["v_keep"] == 4
 
 
+def _removes_what_uniform_removes_and_reloads(family, ru, ra, a, tmp_path) -> None:
+    """``ra`` (the report of pruning ``a``) removed what uniform pruning (``ru``) removes, up to one
+    step of either structure, and ``a`` reloads to the same logits."""
+    ad = adapter_for(a)
+    block = ad.blocks(MAKERS[family]())[0]
+    n, kv, hd = ad.head_geometry(a.config)
+    ins, out = ad.mlp_pair(block)
+    v, _ = ad.value_pair(block)
+    step = max(8 * (sum(l.in_features + (l.bias is not None) for l in ins) + out.out_features),
+               kv * (v.in_features + (v.bias is not None)) + n * out.out_features)
+    removed_u = ru.params_before - ru.params_after
+    removed_a = ra.params_before - ra.params_after
+    assert removed_u <= removed_a < removed_u + step
+    ev = random_tokens(2, 24, seed=3)
+    m2 = load_pruned(save_pruned(a, tmp_path / "p"))
+    with torch.no_grad():
+        assert torch.equal(m2(ev).logits, a(ev).logits)
+
+
 def test_replanner_scales_the_forecasts_by_the_curves_computed_so_far(monkeypatch):
     """The dense pass's curves of the blocks not reached yet are scaled per structure by the ratio of
     the curves computed so far to the dense pass's for the same blocks (few windows understate the
@@ -169,20 +188,7 @@ def test_allocation_replan_keeps_the_budget_uses_every_window_and_reloads(family
     ra = prune(a, toks, PruneConfig(sparsity=0.25, allocation_replan=True, allocation_samples=2, progress=False))
     n_blocks = len(ra.blocks)
     assert ra.allocation_replan and seen == [2.0 * 24] * n_blocks + [8.0 * 24] * (2 * n_blocks)
-    ad = adapter_for(a)
-    block = ad.blocks(MAKERS[family]())[0]
-    n, kv, hd = ad.head_geometry(a.config)
-    ins, out = ad.mlp_pair(block)
-    v, _ = ad.value_pair(block)
-    step = max(8 * (sum(l.in_features + (l.bias is not None) for l in ins) + out.out_features),
-               kv * (v.in_features + (v.bias is not None)) + n * out.out_features)
-    removed_u = ru.params_before - ru.params_after
-    removed_a = ra.params_before - ra.params_after
-    assert removed_u <= removed_a < removed_u + step
-    ev = random_tokens(2, 24, seed=3)
-    m2 = load_pruned(save_pruned(a, tmp_path / "p"))
-    with torch.no_grad():
-        assert torch.equal(m2(ev).logits, a(ev).logits)
+    _removes_what_uniform_removes_and_reloads(family, ru, ra, a, tmp_path)
     monkeypatch.setattr(alloc, "block_costs", costs)
     rp = prune(MAKERS[family](), toks, PruneConfig(sparsity=0.25, allocation_samples=0, progress=False))
     rr = prune(MAKERS[family](), toks, PruneConfig(sparsity=0.25, allocation_samples=0, allocation_replan=True,
@@ -199,21 +205,8 @@ def test_flap_am_moves_budget_between_structures_for_the_same_parameters(family,
     u, a = MAKERS[family](), MAKERS[family]()
     ru = prune(u, toks, PruneConfig(sparsity=0.25, allocation="uniform", progress=False))
     ra = prune(a, toks, PruneConfig(sparsity=0.25, allocation=allocation, progress=False))
-    ad = adapter_for(a)
-    block = ad.blocks(MAKERS[family]())[0]
-    n, kv, hd = ad.head_geometry(a.config)
-    ins, out = ad.mlp_pair(block)
-    v, _ = ad.value_pair(block)
-    step = max(8 * (sum(l.in_features + (l.bias is not None) for l in ins) + out.out_features),
-               kv * (v.in_features + (v.bias is not None)) + n * out.out_features)
-    removed_u = ru.params_before - ru.params_after
-    removed_a = ra.params_before - ra.params_after
-    assert removed_u <= removed_a < removed_u + step
     assert ra.allocation == allocation
-    ev = random_tokens(2, 24, seed=3)
-    m2 = load_pruned(save_pruned(a, tmp_path / "p"))
-    with torch.no_grad():
-        assert torch.equal(m2(ev).logits, a(ev).logits)
+    _removes_what_uniform_removes_and_reloads(family, ru, ra, a, tmp_path)
 
 
 def test_greedy_budget_in_weighted_counts_spends_the_cheapest_steps_first():
