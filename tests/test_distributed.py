@@ -64,8 +64,9 @@ def _kept(out: Path):
     return [{k: v for k, v in b.items() if "kept" in k or k in ("v_head_dim", "mlp_width")} for b in rep["blocks"]]
 
 
-@pytest.mark.parametrize("extra", [[], ["--one-pass"], ["--damp", "auto", "--allocation", "error"], ["--lazy"]],
-                         ids=["default", "one-pass", "damp-auto-error-allocation", "lazy"])
+@pytest.mark.parametrize("extra", [[], ["--one-pass"], ["--damp", "auto", "--allocation", "error"], ["--lazy"],
+                                   ["--allocation-replan", "--allocation-samples", "2"]],
+                         ids=["default", "one-pass", "damp-auto-error-allocation", "lazy", "replan"])
 def test_two_processes_equal_one(setup, tmp_path, extra):
     one, two = tmp_path / "one", tmp_path / "two"
     single = [a for a in _args(setup, one, extra)]

@@ -23,12 +23,14 @@ def _same_state(a_dir, b_dir):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("allocation", [None, "uniform"])
+@pytest.mark.parametrize("allocation", [None, "uniform", "replan"])
 def test_lazy_equals_in_memory_pruning(tmp_path, family, allocation):
     tiny_family(family).save_pretrained(tmp_path / "src", max_shard_size="30KB")
     assert len(list((tmp_path / "src").glob("*.safetensors"))) > 2  # a sharded input
     toks = random_tokens(4, 24)
-    cfg = lambda: PruneConfig(sparsity=0.25, allocation=allocation, progress=False)  # noqa: E731
+    replan = allocation == "replan"  # the default allocation, re-decided block by block
+    cfg = lambda: PruneConfig(sparsity=0.25, allocation=None if replan else allocation,  # noqa: E731
+                              allocation_replan=replan, progress=False)
     rep = prune_checkpoint(tmp_path / "src", tmp_path / "lazy", toks, cfg())
     m = tiny_family(family)
     prune(m, toks, cfg())
