@@ -217,7 +217,10 @@ def main() -> None:
                  "allocation": PruneConfig(allocation=ns.allocation).allocation_kind})
     info["repeats"] = ns.repeats
     modes = MODES + (("variant",) if ns.variant else ())
-    if ns.variant:
+    if ns.variant:  # a bad spec fails here, before any measurement
+        from fasp_ext.compare import parse_method
+
+        parse_method("fasp:" + ns.variant, PruneConfig(sparsity=ns.sparsity, allocation=ns.allocation))
         info["variant"] = ns.variant
     rows = []
     for model in ns.models:

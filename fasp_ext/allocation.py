@@ -128,18 +128,12 @@ def _flap_costs(W, stats: Stats, ks: list[int], groups, segments: int) -> list[f
     return costs
 
 
-def plan(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> list[dict]:
-    """Per block ``{"v_keep": kept value channels per kv head or None, "mlp_keep": kept MLP width or None}``.
-
-    Runs the blocks densely over ``inputs`` (whose hidden states it overwrites with the dense outputs).
-    """
-    return decide(dense_costs(adapter, blocks, mcfg, inputs, cfg, device, timer, mover)[0], cfg)
-
-
 @torch.no_grad()
 def dense_costs(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -> tuple[list[list], list[tuple]]:
-    """The dense pass of ``plan``: every block's ``block_costs`` entry, and per block the residual
-    stream's energy entering and leaving it (``(0.0, 0.0)`` for the FLAP rankings)."""
+    """The allocation's dense pass: every block's ``block_costs`` entry (``decide`` turns them into
+    kept counts), and per block the residual stream's energy entering and leaving it (``(0.0, 0.0)``
+    for the FLAP rankings). Runs the blocks densely over ``inputs``, whose hidden states it
+    overwrites with the dense outputs."""
     if mover is None:
         from .calibration import BlockMover
 
