@@ -142,6 +142,7 @@ def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups:
     ``upto``: only e[0..upto] (upto + 1 values). The last q units' rows of ``L^T W^T`` involve only
     the trailing q-unit block of L (L^T is upper triangular), so the product shrinks to that block.
     """
+    from ._lapack import cholesky_upper_
     from .reference import column_scores, next_lambda
 
     units, _, _ = _check_units("score_order_curve", W, H, 0, groups, segments)
@@ -158,16 +159,17 @@ def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups:
     for _ in range(5):  # singular H (fewer tokens than inputs) with damp 0: damp more, as restore does
         Hd.diagonal().add_(lam - applied)
         applied = lam
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
+        U = Hd.clone()
+        info = cholesky_upper_(U)  # U's upper triangle: L^T
+        if info == 0:
             break
         lam = next_lambda(lam, mean_diag)
-    if int(info) != 0:
+    if info != 0:
         raise RuntimeError("score_order_curve: H + damping is not positive definite (NaN or Inf in H?)")
     q = G if upto is None else max(0, min(G, int(upto)))      # units that may leave
     c = q * r                                                    # their columns, last in the order
-    Lq = L[L.shape[0] - c:, L.shape[0] - c:]                     # trailing block of L
-    Y = Lq.t() @ W.detach().double()[:, cols[cols.numel() - c:]].t()  # the last c rows of L^T W^T
+    Uq = U[U.shape[0] - c:, U.shape[0] - c:].triu()              # trailing block of L^T
+    Y = Uq @ W.detach().double()[:, cols[cols.numel() - c:]].t()  # the last c rows of L^T W^T
     per_unit = Y.pow(2).sum(1).view(q, r).sum(1)                 # in kept-longest-first order
     removed = torch.cumsum(torch.flip(per_unit, (0,)), 0)        # removed[n - 1]: the last n units
     return torch.cat([torch.zeros(1, dtype=torch.float64, device=W.device), removed])

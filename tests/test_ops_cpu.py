@@ -122,10 +122,12 @@ def test_stats_blocked_gram_is_exact_for_any_H(impl, m):
     symmetric."""
     X = torch.randn(300, m, generator=gen(7))
     H0 = torch.randn(m, m, generator=gen(8))
-    s, H = torch.zeros(m), H0.clone()
+    s, H = torch.full((m,), 0.5), H0.clone()
     impl.stats(X, s, H)
     X64 = X.double()
     torch.testing.assert_close(H.double(), H0.double() + X64.t() @ X64, rtol=1e-5, atol=1e-3)
+    # s: from its own pass over X, or (SYRK on one panel) the diagonal of the SYRK product
+    torch.testing.assert_close(s.double(), 0.5 + (X64 * X64).sum(0), rtol=2e-6, atol=1e-5)
 
 
 _GRAM_CHECK = r"""
@@ -139,6 +141,8 @@ for m in (128, 129, 500, 1537, 4100):  # 4100: past the SYRK path's 4096-column 
     ops.accumulate_stats(X, s, H)
     want = H0.double() + X.double().t() @ X.double()
     out.append(float(((H.double() - want).abs().max() / want.abs().max())))
+    want_s = (X.double() ** 2).sum(0)
+    out.append(float(((s.double() - want_s).abs() / want_s).max()))
 print(" ".join(map(str, out)))
 """
 
@@ -204,14 +208,15 @@ def test_stats_non_contiguous_X(impl):
     torch.testing.assert_close(H, H_ref)
 
 
+@pytest.mark.parametrize("m", [37, 300, 5000])  # own pass; SYRK's diagonal (one panel); SYRK in panels
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e30])
-def test_stats_rejects_non_finite_without_mutating(impl, bad):
-    X = torch.randn(10, 37, generator=gen(5))
-    X[3, 7] = bad
-    s, H = torch.ones(37), torch.ones(37, 37)
+def test_stats_rejects_non_finite_without_mutating(impl, bad, m):
+    X = torch.randn(10, m, generator=gen(5))
+    X[3, m - 7] = bad
+    s, H = torch.ones(m), torch.ones(m, m)
     with pytest.raises(ValueError, match="accumulate_stats: X contains NaN or Inf"):
         impl.stats(X, s, H)
-    assert torch.equal(s, torch.ones(37)) and torch.equal(H, torch.ones(37, 37))
+    assert torch.equal(s, torch.ones(m)) and torch.equal(H, torch.ones(m, m))
 
 
 @pytest.mark.parametrize(

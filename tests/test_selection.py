@@ -236,3 +236,67 @@ def test_score_order_curve_survives_a_singular_gram_without_damping():
     assert bool(torch.isfinite(curve).all()) and float(curve[-1]) > 0
     with pytest.raises(RuntimeError, match="not positive definite"):
         score_order_curve(W, (X * X).sum(0), torch.full((12, 12), float("nan"), dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- in-place Cholesky (fasp_ext/_lapack.py)
+@pytest.fixture(params=["lapack", "torch"])
+def potrf_backend(request, monkeypatch):
+    """The curves' Cholesky: LAPACK's dpotrf_ from libtorch_cpu where found, torch's otherwise."""
+    import platform
+
+    from fasp_ext import _lapack
+
+    if request.param == "torch":
+        monkeypatch.setattr(_lapack, "_POTRF", False)
+    else:
+        _lapack.cholesky_upper_(torch.eye(2, dtype=torch.float64))  # resolves it
+        if not _lapack._POTRF:
+            assert not (platform.machine() == "x86_64" and torch.backends.mkl.is_available()), \
+                "torch ships MKL here but dpotrf_ was not found in libtorch_cpu"
+            pytest.skip("no dpotrf_ in this torch build")
+    return request.param
+
+
+@pytest.mark.parametrize("n", [1, 7, 300])
+def test_cholesky_upper_is_torchs_factor(potrf_backend, n):
+    from fasp_ext._lapack import cholesky_upper_
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    A = X.t() @ X + 0.1 * torch.eye(n, dtype=torch.float64)
+    U = A.clone()
+    assert cholesky_upper_(U) == 0
+    assert torch.equal(U.triu(), torch.linalg.cholesky(A).t())  # bit for bit, either backend
+    # a matrix that is not positive definite: info > 0, as torch.linalg.cholesky_ex reports
+    B = A.clone()
+    B[n // 2, n // 2] = -1.0
+    assert cholesky_upper_(B.clone()) == int(torch.linalg.cholesky_ex(B).info) > 0
+
+
+def test_cholesky_upper_other_inputs_use_torch():
+    # float32 and non-contiguous inputs are factorised by torch, with the same contract
+    from fasp_ext._lapack import cholesky_upper_
+
+    X = torch.randn(40, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    A = X.t() @ X
+    U = A.float().clone()
+    assert cholesky_upper_(U) == 0
+    torch.testing.assert_close(U.triu(), torch.linalg.cholesky(A.float()).t())
+    wide = torch.zeros(12, 24, dtype=torch.float64)
+    wide[:, ::2] = A
+    V = wide[:, ::2]
+    assert cholesky_upper_(V) == 0 and torch.equal(V.triu(), torch.linalg.cholesky(A).t())
+
+
+def test_score_order_curve_same_with_either_cholesky(potrf_backend):
+    W, H = _problem(out=6, m=40, n=200, seed=11)
+    s = H.diagonal().clone()
+    curve = score_order_curve(W, s, H, damp=0.01)
+    from fasp_ext import _lapack
+
+    saved, _lapack._POTRF = _lapack._POTRF, False
+    try:
+        want = score_order_curve(W, s, H, damp=0.01)
+    finally:
+        _lapack._POTRF = saved
+    torch.testing.assert_close(curve, want, rtol=1e-12, atol=1e-12)
