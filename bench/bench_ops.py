@@ -197,6 +197,36 @@ def bench_size(name, cfg, device, repeats, ops, threads):
     return rows
 
 
+_RUN_KEYS = ("date", "git_commit", "command", "load_average_at_start", "load_average_at_end")
+
+
+def _provenance(info) -> list[dict]:
+    """The runs the kept rows of a merged file come from: [{sizes, date, git_commit, ...}] (files
+    written before this list existed hold one ``merged_from`` dict and ``merged_sizes``)."""
+    mf = info.get("merged_from")
+    if not mf:
+        return []
+    return mf if isinstance(mf, list) else [{**mf, "sizes": info.get("merged_sizes", [])}]
+
+
+def merge_rows(old: dict, rows: list, sizes: set) -> tuple[list, list]:
+    """The old file's rows of sizes not run now, before ``rows``, and where each kept size was
+    measured: its own run, or the run an earlier merge kept it from."""
+    kept_rows = [r for r in old["results"] if r["size"] not in sizes]
+    runs = []
+    for size in sorted({r["size"] for r in kept_rows}):
+        src = next((p for p in _provenance(old["machine"]) if size in p["sizes"]), None)
+        src = {k: (src or old["machine"]).get(k) for k in _RUN_KEYS}
+        same = next((p for p in runs if all(p.get(k) == src[k] for k in _RUN_KEYS)), None)
+        if same:
+            same["sizes"].append(size)
+        else:
+            runs.append({**src, "sizes": [size]})
+    order = {n: i for i, n in enumerate(SIZES)}
+    merged = sorted(kept_rows + rows, key=lambda r: (order.get(r["size"], 99), r["threads"]))
+    return merged, runs
+
+
 def to_markdown(info, rows):
     lines = [
         f"# fasp_ext op benchmark ({info['device']})",
@@ -209,9 +239,8 @@ def to_markdown(info, rows):
         f"{info.get('load_average_at_end') or 0:.1f} (on a shared machine other work skews timings)",
         f"- {info['date']}; command: `{info['command']}`",
     ]
-    if info.get("merged_from"):
-        mf = info["merged_from"]
-        lines.append(f"- rows of {', '.join(info['merged_sizes'])} kept from an earlier run: {mf.get('date')}, git "
+    for mf in _provenance(info):
+        lines.append(f"- rows of {', '.join(mf['sizes'])} kept from an earlier run: {mf.get('date')}, git "
                      f"{(mf.get('git_commit') or '')[:12]}, `{mf.get('command')}`, load {mf.get('load_average_at_start') or 0:.1f}"
                      f" -> {mf.get('load_average_at_end') or 0:.1f}")
     lines += [
@@ -265,14 +294,9 @@ def main():
     stem = f"ops_{device.type}"
     if args.merge and (out / f"{stem}.json").exists():
         old = json.loads((out / f"{stem}.json").read_text())
-        sizes = set(args.sizes.split(","))
-        kept_rows = [r for r in old["results"] if r["size"] not in sizes]
-        rows = kept_rows + rows
-        info["merged_from"] = {k: old["machine"].get(k) for k in ("date", "git_commit", "command",
-                                                                    "load_average_at_start", "load_average_at_end")}
-        info["merged_sizes"] = sorted({r["size"] for r in kept_rows})
-        order = {n: i for i, n in enumerate(SIZES)}
-        rows.sort(key=lambda r: (order.get(r["size"], 99), r["threads"]))
+        rows, runs = merge_rows(old, rows, set(args.sizes.split(",")))
+        if runs:
+            info["merged_from"] = runs
     (out / f"{stem}.json").write_text(json.dumps({"machine": info, "results": rows}, indent=1) + "\n")
     md = to_markdown(info, rows)
     (out / f"{stem}.md").write_text(md)

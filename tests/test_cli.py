@@ -271,3 +271,35 @@ def test_prune_multimodal_gemma3(texts, tmp_path, capsys, lazy):
     assert load_pruned(out).config.model_type == "gemma3"
     assert main(["eval", "--model", str(out), "--data", str(texts / "eval.txt"), "--seqlen", "24",
                  "--eval-windows", "4", "--quiet", "--json", str(tmp_path / "e.json")]) == 0
+
+
+def test_bench_ops_merge_keeps_where_each_kept_size_was_measured():
+    """``bench_ops.py --merge`` twice: rows kept across two merges still name the run that measured
+    them, not the merge in between (which only re-ran other sizes)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_ops", Path(__file__).parents[1] / "bench" / "bench_ops.py")
+    bo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bo)
+    run = lambda d: {"date": d, "git_commit": "g" + d, "command": "c" + d,  # noqa: E731
+                     "load_average_at_start": 0.1, "load_average_at_end": 0.2}
+    row = lambda size, t, ms: {"size": size, "threads": t, "op": "o", "case": "c", "times": {"op": ms}}  # noqa: E731
+    first = {"machine": run("1"), "results": [row("llama7b", 1, 1.0), row("smollm2", 1, 2.0)]}
+    # second run: smollm2 only, merged into the first
+    rows, runs = bo.merge_rows(first, [row("smollm2", 1, 3.0)], {"smollm2"})
+    assert [(r["size"], r["times"]["op"]) for r in rows] == [("smollm2", 3.0), ("llama7b", 1.0)]
+    assert runs == [{**run("1"), "sizes": ["llama7b"]}]
+    second = {"machine": {**run("2"), "merged_from": runs}, "results": rows}
+    # third run: smollm2 again; llama7b still comes from run 1
+    rows, runs = bo.merge_rows(second, [row("smollm2", 1, 4.0)], {"smollm2"})
+    assert runs == [{**run("1"), "sizes": ["llama7b"]}]
+    # third run of llama7b only: smollm2 comes from run 2 now
+    rows, runs = bo.merge_rows(second, [row("llama7b", 2, 5.0)], {"llama7b"})
+    assert runs == [{**run("2"), "sizes": ["smollm2"]}]
+    # a file from before the list: one dict and merged_sizes
+    old_style = {"machine": {**run("2"), "merged_from": run("1"), "merged_sizes": ["llama7b"]}, "results": rows}
+    assert bo.merge_rows(old_style, [], {"smollm2"})[1] == [{**run("1"), "sizes": ["llama7b"]}]
+    md = bo.to_markdown({**run("3"), "device": "cpu", "cpu": "x", "cores": 2, "torch": "t", "python": "p",
+                         "merged_from": [{**run("1"), "sizes": ["llama7b"]}]}, [])
+    assert "rows of llama7b kept from an earlier run: 1, git g1, `c1`" in md
