@@ -81,7 +81,7 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="ridge damping of the restoration (default 0.1), or 'auto' (chosen per matrix on held-out samples)")
     p.add_argument("--intercept", action="store_true", help="also fit a bias shift where the projection has a bias")
     p.add_argument("--one-pass", action="store_true",
-                   help="statistics and allocation from one dense pass (1.4-1.5x one dense forward on SmolLM2; "
+                   help="statistics and allocation from one dense pass (1.3-1.4x one dense forward on SmolLM2; "
                         "accuracy within a few %% of the default, better or worse by text)")
     p.add_argument("--mlp-multiple", type=int, default=8, help="round kept MLP widths to this multiple")
     p.add_argument("--attn-multiple", type=int, default=1, help="round kept value head sizes to this multiple")
