@@ -239,21 +239,32 @@ def test_score_order_curve_survives_a_singular_gram_without_damping():
 
 
 # ----------------------------------------------------------------------------- in-place Cholesky (fasp_ext/_lapack.py)
+def _lapack_or_skip():
+    """LAPACK's dpotrf_ from libtorch_cpu, which torch's x86-64 Linux wheels (MKL) must provide."""
+    import os
+    import platform
+
+    from fasp_ext import _lapack
+
+    if os.environ.get("FASP_EXT_POTRF") == "0":
+        pytest.skip("FASP_EXT_POTRF=0")
+    _lapack.cholesky_upper_(torch.eye(2, dtype=torch.float64))  # resolves it
+    if not _lapack._POTRF:
+        assert not (platform.machine() == "x86_64" and torch.backends.mkl.is_available()), \
+            "torch ships MKL here but dpotrf_ was not found in libtorch_cpu"
+        pytest.skip("no dpotrf_ in this torch build")
+    return _lapack
+
+
 @pytest.fixture(params=["lapack", "torch"])
 def potrf_backend(request, monkeypatch):
     """The curves' Cholesky: LAPACK's dpotrf_ from libtorch_cpu where found, torch's otherwise."""
-    import platform
-
     from fasp_ext import _lapack
 
     if request.param == "torch":
         monkeypatch.setattr(_lapack, "_POTRF", False)
     else:
-        _lapack.cholesky_upper_(torch.eye(2, dtype=torch.float64))  # resolves it
-        if not _lapack._POTRF:
-            assert not (platform.machine() == "x86_64" and torch.backends.mkl.is_available()), \
-                "torch ships MKL here but dpotrf_ was not found in libtorch_cpu"
-            pytest.skip("no dpotrf_ in this torch build")
+        _lapack_or_skip()
     return request.param
 
 
@@ -288,12 +299,11 @@ def test_cholesky_upper_other_inputs_use_torch():
     assert cholesky_upper_(V) == 0 and torch.equal(V.triu(), torch.linalg.cholesky(A).t())
 
 
-def test_score_order_curve_same_with_either_cholesky(potrf_backend):
+def test_score_order_curve_same_with_either_cholesky():
+    _lapack = _lapack_or_skip()
     W, H = _problem(out=6, m=40, n=200, seed=11)
     s = H.diagonal().clone()
     curve = score_order_curve(W, s, H, damp=0.01)
-    from fasp_ext import _lapack
-
     saved, _lapack._POTRF = _lapack._POTRF, False
     try:
         want = score_order_curve(W, s, H, damp=0.01)
