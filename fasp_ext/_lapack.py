@@ -2,7 +2,7 @@
 
 ``torch.linalg.cholesky_ex`` copies its input into column-major order, factorises, then zeroes the
 lower triangle's complement with ``tril``: at 1536 x 1536 in float64 on two threads of this project's
-2-core Xeon that is 21 ms, of which the factorisation is 10.5 ms (December 2026).
+2-core Xeon, 21 ms against 10.5 ms for the factorisation alone (one measurement, December 2026).
 torch's x86-64 Linux wheels export LAPACK's ``dpotrf_`` from libtorch_cpu (MKL, linked in), as the
 compiled restore kernel also uses (csrc/cpu/restore.cpp): called on a row-major symmetric matrix
 with ``uplo = 'L'`` it factorises in place, leaving ``L^T`` in the upper triangle, bitwise the factor
