@@ -153,14 +153,12 @@ def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups:
     base = torch.arange(segments, device=W.device).view(-1, 1) * per
     order = (keep_rank + base).t().reshape(-1)  # rank-major: the last entries leave first
     cols = units[order].reshape(-1)
-    Hd = H.detach().index_select(0, cols).index_select(1, cols).double()  # H permuted, in fp64
     mean_diag = float(H.detach().diagonal().double().mean().clamp_min(1e-30))
-    lam, applied = float(damp) * mean_diag, 0.0
+    lam = float(damp) * mean_diag
     for _ in range(5):  # singular H (fewer tokens than inputs) with damp 0: damp more, as restore does
-        Hd.diagonal().add_(lam - applied)
-        applied = lam
-        U = Hd.clone()
-        info = cholesky_upper_(U)  # U's upper triangle: L^T
+        U = H.detach().index_select(0, cols).index_select(1, cols).double()  # H permuted, in fp64
+        U.diagonal().add_(lam)
+        info = cholesky_upper_(U)  # in place: U's upper triangle becomes L^T
         if info == 0:
             break
         lam = next_lambda(lam, mean_diag)
@@ -169,7 +167,7 @@ def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups:
     q = G if upto is None else max(0, min(G, int(upto)))      # units that may leave
     c = q * r                                                    # their columns, last in the order
     Uq = U[U.shape[0] - c:, U.shape[0] - c:].triu()              # trailing block of L^T
-    Y = Uq @ W.detach().double()[:, cols[cols.numel() - c:]].t()  # the last c rows of L^T W^T
+    Y = Uq @ W.detach()[:, cols[cols.numel() - c:]].double().t()  # the last c rows of L^T W^T
     per_unit = Y.pow(2).sum(1).view(q, r).sum(1)                 # in kept-longest-first order
     removed = torch.cumsum(torch.flip(per_unit, (0,)), 0)        # removed[n - 1]: the last n units
     return torch.cat([torch.zeros(1, dtype=torch.float64, device=W.device), removed])
