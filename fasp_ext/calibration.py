@@ -162,7 +162,9 @@ class Stats:
     """Statistics of a projection's input (fp32): s = sum x^2, H = X^T X, mu = sum x, n = tokens.
 
     With ``val_every`` > 0, every ``val_every``-th calibration sample is also counted separately
-    (H_val, mu_val, n_val) so the restoration's damping can be judged on held-out tokens.
+    (H_val, mu_val, n_val) so the restoration's damping can be judged on held-out tokens. Until
+    ``reduce`` those samples' Gram is in H_val only (each token goes through one Gram update, not
+    two); ``reduce`` adds H_val into H, so from then on H holds every token.
     """
 
     s: torch.Tensor
@@ -186,6 +188,8 @@ class Stats:
     #: never waits for the device; ``reduce`` adds them (one synchronisation per matrix)
     n_pending: torch.Tensor | None = None
     n_val_pending: torch.Tensor | None = None
+    #: whether H already holds the held-out samples' Gram (``reduce`` folds H_val into it once)
+    val_in_H: bool = False
 
     @staticmethod
     def new(m: int, device, gram: bool = True, store: bool = False, val_every: int = 0) -> "Stats":
@@ -197,7 +201,10 @@ class Stats:
 
     def reduce(self) -> "Stats":
         """Settle the weighted token counts and sum the statistics of every process
-        (torch.distributed). Call it once the pass is over, before reading n or n_val."""
+        (torch.distributed). Call it once the pass is over, before reading H, n or n_val."""
+        if self.H_val is not None and not self.val_in_H:
+            self.H += self.H_val
+            self.val_in_H = True
         if self.n_pending is not None:
             self.n, self.n_pending = self.n + float(self.n_pending), None
         if self.n_val_pending is not None:
@@ -222,7 +229,27 @@ class Stats:
             # bf16 inputs stay bf16 (the Gram's fast path on a GPU; the range is fp32's), others in fp32
             xs = x2 * w.to(x2.dtype) if x2.dtype == torch.bfloat16 else x2.float() * w
             wsq = w.square()
-        ops.accumulate_stats(xs, self.s, self.H)
+        b = x.shape[0] if x.dim() > 2 else 1
+        per_sample = (b, -1, m)  # samples first, as x is (batch, tokens, m) or one (tokens, m)
+        is_val = None
+        if self.val_every:
+            is_val = [(self.samples + i) % self.val_every == self.val_every - 1 for i in range(b)]
+        if is_val is None or not any(is_val):
+            ops.accumulate_stats(xs, self.s, self.H)
+        else:  # runs of consecutive samples: held-out ones into H_val only (and into H while H holds every token)
+            xs3, i = xs.reshape(per_sample), 0
+            while i < b:
+                j = i + 1
+                while j < b and is_val[j] == is_val[i]:
+                    j += 1
+                run = xs3[i:j].reshape(-1, m)
+                if is_val[i]:
+                    ops.accumulate_stats(run, self.s, self.H_val)
+                    if self.val_in_H:
+                        ops.accumulate_stats(run, torch.zeros_like(self.s), self.H)
+                else:
+                    ops.accumulate_stats(run, self.s, self.H)
+                i = j
         # sum_t w_t^2 x_t as one (1 x n) @ (n x m) product: no weighted copy of the batch
         self.mu += x2.sum(0, dtype=torch.float32) if wsq is None else (wsq.t() @ x2.float()).reshape(-1)
         if wsq is None:
@@ -240,24 +267,18 @@ class Stats:
                 self.D = torch.zeros(m, m, device=x.device)
             self.D.addmm_((xd.float() if wsq is None else xd.float() * w).t(), xs.float())
             self.batches += 1
-        b = x.shape[0] if x.dim() > 2 else 1
-        if self.val_every:
-            idx = torch.arange(self.samples, self.samples + b)
-            sel = torch.nonzero(idx % self.val_every == self.val_every - 1).flatten()
-            if sel.numel():
-                per_sample = (b, -1, m)  # samples first, as x is (batch, tokens, m) or one (tokens, m)
-                sel = sel.to(x.device)
-                xv = xs.reshape(per_sample).index_select(0, sel).reshape(-1, m)
-                ops.accumulate_stats(xv, torch.zeros_like(self.s), self.H_val)
-                if wsq is None:
-                    self.mu_val += xv.sum(0, dtype=torch.float32)
-                    self.n_val += xv.shape[0]
-                else:
-                    wv = wsq.reshape(b, -1, 1).index_select(0, sel).reshape(-1, 1)
-                    xr = x2.reshape(per_sample).index_select(0, sel).reshape(-1, m)
-                    self.mu_val += (wv.t() @ xr.float()).reshape(-1)
-                    self.n_val = float(self.n_val)
-                    self.n_val_pending = wv.sum() if self.n_val_pending is None else self.n_val_pending + wv.sum()
+        if is_val is not None and any(is_val):
+            sel = torch.tensor([i for i in range(b) if is_val[i]], device=x.device)
+            if wsq is None:
+                xv = x2.reshape(per_sample).index_select(0, sel).reshape(-1, m)
+                self.mu_val += xv.sum(0, dtype=torch.float32)
+                self.n_val += xv.shape[0]
+            else:
+                wv = wsq.reshape(b, -1, 1).index_select(0, sel).reshape(-1, 1)
+                xr = x2.reshape(per_sample).index_select(0, sel).reshape(-1, m)
+                self.mu_val += (wv.t() @ xr.float()).reshape(-1)
+                self.n_val = float(self.n_val)
+                self.n_val_pending = wv.sum() if self.n_val_pending is None else self.n_val_pending + wv.sum()
         self.samples += b
 
 
