@@ -219,7 +219,10 @@ class Stats:
     def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Count the inputs ``x`` (..., m). ``weight`` (one per token, x's leading shape): token t then
         counts weight_t^2 times, i.e. s, H, mu, n (and the held-out and dense-target sums) are those of
-        weight_t * x_t; the stored inputs stay as they are."""
+        weight_t * x_t; the stored inputs stay as they are. NaN or Inf in the batch raises (the op's
+        check, before it changes anything); a batch with held-out samples is counted in runs, so the
+        runs before the bad one may be in already: statistics that raised are not to be used further
+        (the pipeline stops on the error)."""
         m = x.shape[-1]
         x2 = x.reshape(-1, m)
         if weight is None:

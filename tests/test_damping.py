@@ -1,5 +1,6 @@
 """Held-out damping choice: the closed-form errors equal brute force, and the pipeline runs with it."""
 
+import pytest
 import torch
 
 from fasp_ext import reference as ref
@@ -76,3 +77,7 @@ def test_held_out_samples_cost_one_gram_update_and_every_sum_is_exact(monkeypatc
     st.add(batches[3])  # samples 8 (held out) and 9, after reduce
     st.reduce()
     check(10)
+    bad = torch.randn(3, t, m, generator=g)
+    bad[2, 1, 3] = float("nan")  # sample 12: the run after the held-out sample 11
+    with pytest.raises(ValueError, match="NaN"):
+        st.add(bad)
