@@ -288,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> restore_impl(const at::Tensor& Wc, const at::
     return at::mm(Wr, Hrs);  // B = W[:, R] H[R, S]
   };
   auto finish = [&](const at::Tensor& X) {  // X = Q (|R| x k) or B A^-1 (out x k)
-    return rhs_removed ? at::addmm(Wk, Wr, X) : Wk.add_(X);
+    return rhs_removed ? Wk.addmm_(Wr, X) : Wk.add_(X);  // Wk is this op's own gather
   };
 
   int64_t attempts = 0;
