@@ -119,7 +119,8 @@ def main(argv=None) -> int:
                   f"{r['launches_per_call']:.1f} |" for fn, r in per_fn.items()]
         for fn, r in per_fn.items():
             lines += ["", f"{fn}: the {len(r['top'])} largest by self {r['time_kind']} time", "",
-                      f"| operator or kernel | calls / call | self {r['time_kind']} us / call |", "| --- | ---: | ---: |"]
+                      f"| operator or kernel | calls / call | self {r['time_kind']} us / call |",
+                      "| --- | ---: | ---: |"]
             lines += [f"| `{t['name'][:90]}` | {t['calls_per_call']:.1f} | {t['self_us_per_call']:.1f} |"
                       for t in r["top"]]
         lines.append("")

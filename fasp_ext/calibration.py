@@ -5,6 +5,7 @@ Nothing here knows a model family: the adapter names the blocks and projections.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -233,26 +234,14 @@ class Stats:
             xs = x2 * w.to(x2.dtype) if x2.dtype == torch.bfloat16 else x2.float() * w
             wsq = w.square()
         b = x.shape[0] if x.dim() > 2 else 1
-        per_sample = (b, -1, m)  # samples first, as x is (batch, tokens, m) or one (tokens, m)
-        is_val = None
-        if self.val_every:
-            is_val = [(self.samples + i) % self.val_every == self.val_every - 1 for i in range(b)]
-        if is_val is None or not any(is_val):
+        is_val = [(self.samples + i) % self.val_every == self.val_every - 1 for i in range(b)] \
+            if self.val_every else []
+        if any(is_val):
+            per_sample = (b, -1, m)  # samples first, as x is (batch, tokens, m) or one (tokens, m)
+            self._add_runs(x2.reshape(per_sample), xs.reshape(per_sample),
+                           None if wsq is None else wsq.reshape(b, -1, 1), is_val)
+        else:
             ops.accumulate_stats(xs, self.s, self.H)
-        else:  # runs of consecutive samples: held-out ones into H_val only (and into H while H holds every token)
-            xs3, i = xs.reshape(per_sample), 0
-            while i < b:
-                j = i + 1
-                while j < b and is_val[j] == is_val[i]:
-                    j += 1
-                run = xs3[i:j].reshape(-1, m)
-                if is_val[i]:
-                    ops.accumulate_stats(run, self.s, self.H_val)
-                    if self.val_in_H:
-                        ops.accumulate_stats(run, torch.zeros_like(self.s), self.H)
-                else:
-                    ops.accumulate_stats(run, self.s, self.H)
-                i = j
         # sum_t w_t^2 x_t as one (1 x n) @ (n x m) product: no weighted copy of the batch
         self.mu += x2.sum(0, dtype=torch.float32) if wsq is None else (wsq.t() @ x2.float()).reshape(-1)
         if wsq is None:
@@ -270,19 +259,32 @@ class Stats:
                 self.D = torch.zeros(m, m, device=x.device)
             self.D.addmm_((xd.float() if wsq is None else xd.float() * w).t(), xs.float())
             self.batches += 1
-        if is_val is not None and any(is_val):
-            sel = torch.tensor([i for i in range(b) if is_val[i]], device=x.device)
-            if wsq is None:
-                xv = x2.reshape(per_sample).index_select(0, sel).reshape(-1, m)
-                self.mu_val += xv.sum(0, dtype=torch.float32)
-                self.n_val += xv.shape[0]
+        self.samples += b
+
+    def _add_runs(self, x3: torch.Tensor, xs3: torch.Tensor, w3: torch.Tensor | None, is_val: list[bool]) -> None:
+        """The Gram and held-out sums of a batch holding held-out samples (``is_val``, one per sample),
+        run by run of consecutive samples: the held-out ones into H_val (and into H once ``reduce``
+        has folded H_val into it), the others into H; s takes every token. ``x3``: the raw inputs,
+        ``xs3`` the weighted ones, ``w3`` the squared weights (None: unweighted), all samples first."""
+        m = xs3.shape[-1]
+        for val, run_ids in itertools.groupby(range(len(is_val)), key=is_val.__getitem__):
+            ids = list(run_ids)
+            i, j = ids[0], ids[-1] + 1
+            run = xs3[i:j].reshape(-1, m)
+            if not val:
+                ops.accumulate_stats(run, self.s, self.H)
+                continue
+            ops.accumulate_stats(run, self.s, self.H_val)
+            if self.val_in_H:
+                ops.accumulate_stats(run, torch.zeros_like(self.s), self.H)
+            if w3 is None:
+                self.mu_val += run.sum(0, dtype=torch.float32)
+                self.n_val += run.shape[0]
             else:
-                wv = wsq.reshape(b, -1, 1).index_select(0, sel).reshape(-1, 1)
-                xr = x2.reshape(per_sample).index_select(0, sel).reshape(-1, m)
-                self.mu_val += (wv.t() @ xr.float()).reshape(-1)
+                wv = w3[i:j].reshape(-1, 1)
+                self.mu_val += (wv.t() @ x3[i:j].reshape(-1, m).float()).reshape(-1)
                 self.n_val = float(self.n_val)
                 self.n_val_pending = wv.sum() if self.n_val_pending is None else self.n_val_pending + wv.sum()
-        self.samples += b
 
 
 def fluctuation_scores(W: torch.Tensor, stats: Stats) -> torch.Tensor:
