@@ -1,6 +1,6 @@
 """What token weighting costs: Gemma3-270M pruned with token_weighting auto and none, timed.
 
-    ../shared/tools/quiet-run python bench/bench_token_weighting.py [--repeats 2] [--nsamples 32]
+    python bench/quiet.py -- python bench/bench_token_weighting.py [--repeats 2] [--nsamples 32]
 
 Each run prunes a fresh copy in its own process (the modes interleaved) at 20 % with the default
 settings on NSAMPLES x 512 windows of Emma, and prints the pruning's wall time and its phases.
