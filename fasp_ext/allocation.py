@@ -51,10 +51,8 @@ from .calibration import Stats, collect, fluctuation_scores, run_block
 ALLOCATIONS = ("uniform", "error", "error-am", "flap", "flap-am")
 #: the allocations that rank restored-error curves (they need the Gram matrices and stream energies)
 ERROR_KINDS = ("error", "error-am")
-#: default cap on a block's sparsity, relative to the structure's overall sparsity. 1.5x, not 2x: at
-#: 20 % it was better on both models measured (Gemma3-270M P&P / Jargon 31.96 / 95.62 against
-#: 33.00 / 104.90; SmolLM2 29.69 / 91.79 against 29.69 / 95.65; bench/results/compare_gemma3.md,
-#: compare_smollm2_cap.md)
+#: default cap on a block's sparsity, relative to the structure's overall sparsity (why 1.5x, not 2x
+#: or 1.25x: docs/decisions.md)
 DEFAULT_CAP = 1.5
 
 

@@ -1,7 +1,7 @@
 """The generic FASP pipeline: sequential calibration, scoring, selection, restoration, shrinking.
 
 ``prune(model, calibration, config)`` works on any model an adapter (fasp_ext/adapters) describes;
-it never asks which family the model is. Per block (DESIGN.md section 1.4):
+it never asks which family the model is. Per block (docs/how-it-works.md, "Sequential calibration"):
 
 1. run the block up to the attention output projection, collecting its input statistics;
 2. prune the value channels (v_proj rows + o_proj columns), restoring o_proj by least squares;
@@ -41,19 +41,14 @@ TOKEN_WEIGHTINGS = ("auto", "none")
 RESTORING = ("fasp", "depth2")
 SELECTIONS = ("score", "obs", "spap")
 #: per-block allocation each method uses unless told otherwise: FASP by the blocks' restored-error
-#: curves ranked across blocks and structures per parameter ("error-am": better than the curves per
-#: structure in 8 of 12 entries on both real models at 10/20/30 %, Gemma3-270M at 30 % by 6-7 %,
-#: bench/results/error_am_screen.md; those in turn beat FLAP's ranking, alloc_error_screen.md; with
+#: curves ranked across blocks and structures per parameter ("error-am"; with
 #: ``mlp_sparsity``/``attn_sparsity`` given, per structure, "error", so each total holds); FLAP ranks
 #: its standardised fluctuation scores across blocks, as its paper does; Wanda-sp, magnitude and
-#: random prune every block alike, as their papers do
+#: random prune every block alike, as their papers do. The evidence: docs/decisions.md
 DEFAULT_ALLOCATION = {"fasp": "error-am", "flap": "flap", "wanda-sp": "uniform", "depth2": "uniform",
                       "magnitude": "uniform", "random": "uniform"}
-#: calibration windows each allocation's dense pass uses by default (``allocation_samples=None``):
-#: the error curves were as accurate from 16 windows as from 32 on both real models (within 0.3 %
-#: of perplexity at 10/20/30 %, bench/results/alloc_error_screen.md), and ranked across structures
-#: (error-am) from 12 as from 16 (better in 7 of 12 entries, at most 0.4 % worse,
-#: bench/results/alloc_windows_screen.md); FLAP's rankings keep 32
+#: calibration windows each allocation's dense pass uses by default (``allocation_samples=None``);
+#: why these counts: docs/decisions.md
 ALLOCATION_SAMPLES = {"error": 16, "error-am": 12, "flap": 32, "flap-am": 32}
 
 
@@ -135,7 +130,7 @@ class PruneConfig:
     #: and, in one-pass mode with a non-uniform allocation, every block's statistics
     store_budget_bytes: int = 2 << 30
     #: keep the calibration hidden states (and the correction's stored inputs) in host memory, pinned
-    #: on a GPU, and bring one batch at a time to the compute device (README: "Memory")
+    #: on a GPU, and bring one batch at a time to the compute device (docs/memory.md)
     offload_activations: bool = False
     #: show a progress bar
     progress: bool = True

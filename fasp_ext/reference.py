@@ -1,6 +1,6 @@
 """Plain-torch twins of the compiled ops.
 
-These functions are the contract every kernel must meet (see DESIGN.md section 2) and are used
+These functions are the contract every kernel must meet (docs/how-it-works.md, "The ops") and are used
 as the test oracle and as the fallback when the compiled library is absent. They validate their
 arguments exactly as the compiled ops do (same messages), so behaviour does not depend on which
 implementation runs.

@@ -9,8 +9,8 @@ increase of the restored calibration error,
     cost(U) = tr( W[:, U] (Hinv[U, U])^-1 W[:, U]^T ),   Hinv = (H + lam I)^-1,
 
 and after each removal applies the Optimal Brain Surgeon update to W and Hinv, so the next cost is
-computed with the surviving units already re-fitted (DESIGN.md 1.2: the same damped objective the
-restoration solves). Removed columns become exact zeros of W and of Hinv.
+computed with the surviving units already re-fitted (docs/how-it-works.md, "Restoration": the same damped
+objective the restoration solves). Removed columns become exact zeros of W and of Hinv.
 
 The running sum of the chunk costs is the restored error at every kept count, which makes the
 greedy run also the error curve ``err(k)`` that non-uniform allocation needs (fasp_ext/allocation.py).
@@ -131,7 +131,7 @@ def score_order_curve(W: torch.Tensor, s: torch.Tensor, H: torch.Tensor, groups:
     first), so at every n that is a multiple of ``segments`` the removed set is exactly the
     complement of ``score_select(W, s, G - n, groups, segments)``. Returns ``e`` (G + 1,) float64 with
     ``e[n] = min tr((W' - W) Hd (W' - W)^T)`` over W' zero on the n removed units, Hd = H + lam I,
-    lam = ``damp`` * mean(diag H) (DESIGN.md 1.2; raised as ``restore`` does where H + lam I is
+    lam = ``damp`` * mean(diag H) (docs/how-it-works.md, "Restoration"; raised as ``restore`` does where H + lam I is
     singular, e.g. ``damp`` 0 with fewer tokens than inputs).
 
     One Cholesky instead of a greedy run: with the columns ordered kept-longest first, Hd = L L^T
@@ -188,8 +188,8 @@ def penalty_select(W: torch.Tensor, H: torch.Tensor, k: int, groups: torch.Tenso
                    rho: tuple[float, ...] | None = None, return_history: bool = False):
     """Kept unit indices (ascending, int64) by SPAP-style alternating minimisation with a penalty.
 
-    The mixed-integer problem ``min tr((W' - W) Hd (W' - W)^T)``, Hd = H + lam I (DESIGN.md 1.3: the
-    damped objective the restoration solves), over W' whose columns outside k kept units are zero,
+    The mixed-integer problem ``min tr((W' - W) Hd (W' - W)^T)``, Hd = H + lam I (docs/how-it-works.md,
+    "Restoration": the damped objective the restoration solves), over W' whose columns outside k kept units are zero,
     is relaxed: the removed units R are penalised instead of zeroed, and two steps alternate for
     ``rounds`` rounds under a growing penalty rho_t (relative to mean(diag H); default 0.1 .. 10):
 

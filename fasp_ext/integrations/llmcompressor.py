@@ -2,7 +2,7 @@
 
 Design (the simplest honest one): FASP is a sequential, block-by-block method with its own
 calibration loop (capture the inputs of block 0, prune a block, propagate its pruned outputs to
-the next block, DESIGN.md section 1.4). The modifier therefore does not hook llm-compressor's
+the next block; docs/how-it-works.md, "Sequential calibration"). The modifier therefore does not hook llm-compressor's
 forward passes. It declares that it needs no calibration forward passes of its own, so oneshot
 runs the data-free pipeline for it (no extra pass through the model), takes the ``input_ids`` of
 oneshot's own calibration dataloader (``state.data.calib``, built from ``dataset=``,
