@@ -31,6 +31,7 @@ _LAZY = {
     "eval_windows": ("data", "eval_windows"),
     "perplexity": ("data", "perplexity"),
     "write_model_card": ("card", "write_model_card"),
+    "export_gguf": ("export_gguf", "export_gguf"),
 }
 
 

@@ -525,7 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_bos_arg(e)
     e.set_defaults(func=cmd_eval)
-    _add_common([p, d, c, e])
+    from .export_gguf import add_parser as _add_export_parser  # fasp-ext export (its options live there)
+
+    x = _add_export_parser(sub, _HelpFormatter)
+    _add_common([p, d, c, e, x])
     return ap
 
 
