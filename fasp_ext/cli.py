@@ -68,7 +68,7 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--allocation-replan", action="store_true",
                    help="error/error-am allocation, sequential mode: decide each block's kept counts again just "
                         "before pruning it, from its own statistics over every window (with --allocation-samples 4: "
-                        "about 9 %% faster at 32 windows on SmolLM2, slightly less accurate on Gemma3; README)")
+                        "about 9 %% faster at 32 windows on SmolLM2, slightly less accurate on Gemma3; docs/decisions.md)")
     p.add_argument("--target", default="pruned", choices=["pruned", "dense"],
                    help="restore toward the pruned model's own outputs (pruned) or the dense model's (dense)")
     p.add_argument("--token-weighting", default="auto", choices=["auto", "none"],

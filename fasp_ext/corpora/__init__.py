@@ -8,7 +8,7 @@ with ``dpkg-deb -x`` (or a pure-Python ``ar``+``tar`` fallback):
 
 * ``r-cran-janeaustenr``: Jane Austen's six novels as R character vectors (one line per element)
   in the lazy-load database ``usr/lib/R/site-library/janeaustenr/data/Rdata.{rdx,rdb}``, read
-  with :mod:`fasp_ext.corpora.rdata` (why not PyPI ``rdata``: README, "Texts").
+  with :mod:`fasp_ext.corpora.rdata` (why not PyPI ``rdata``: docs/code-map.md, "The texts").
 * ``jargon-text``: the Jargon File 4.4.7 as ``usr/share/doc/jargon-text/jargon.txt.gz``.
 
 ``scripts/fetch_texts.sh`` does the same download/unpack from the shell.
