@@ -4,8 +4,8 @@
 
 Each run prunes a fresh copy in its own process (the modes interleaved) at 20 % with the default
 settings on NSAMPLES x 512 windows of Emma, and prints the pruning's wall time and its phases.
-Writes bench/results/token_weighting_time.json. Timings only; the accuracy is in
-bench/results/token_weighting_screen.md.
+Writes bench/results/screens/token_weighting_time.json. Timings only; the accuracy is in
+bench/results/screens/token_weighting_screen.md.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     summary = {m: statistics.median(r["seconds"] for r in runs if r["mode"] == m) for m in ("auto", "none")}
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     res = {"nsamples": a.nsamples, "median_seconds": summary, "runs": runs, "load_at_end": load}
-    (ROOT / "bench" / "results" / "token_weighting_time.json").write_text(json.dumps(res, indent=2))
+    (ROOT / "bench" / "results" / "screens" / "token_weighting_time.json").write_text(json.dumps(res, indent=2))
     print(f"median: auto {summary['auto']:.1f} s, none {summary['none']:.1f} s "
           f"({summary['auto'] / summary['none']:.2f}x)")
 

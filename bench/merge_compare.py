@@ -4,7 +4,10 @@
 
 Long comparisons are run in parts (a CPU prunes SmolLM2 in minutes per row); this joins the parts
 into one table, plot and JSON, keeping the last row of each (method, sparsity), one dense row,
-and the list of source files. Refuses parts whose settings differ.
+and the list of source files (``merged_from``: paths relative to ``--out``, e.g. the screens in
+``bench/results/screens/``). Refuses parts whose settings differ. Once merged, pieces that are
+nothing but a share of one comparison are removed (git keeps them; bench/results/INDEX.md says
+where); screens stay in ``screens/``.
 """
 
 from __future__ import annotations
@@ -81,6 +84,13 @@ def merge(parts: list[dict], sources: list[str]) -> dict:
     return out
 
 
+def source_name(part: str, out: str) -> str:
+    """How ``merged_from`` names a part: its path relative to the output folder when it lies inside
+    it (``screens/alloc12_smollm2.json``), else its file name."""
+    p, o = Path(part).resolve(), Path(out).resolve()
+    return p.relative_to(o).as_posix() if p.is_relative_to(o) else p.name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stem")
@@ -90,7 +100,7 @@ def main() -> None:
     from fasp_ext.compare import write
 
     parts = [json.loads(Path(p).read_text()) for p in ns.parts]
-    for path in write(merge(parts, [Path(p).name for p in ns.parts]), ns.out, ns.stem):
+    for path in write(merge(parts, [source_name(p, ns.out) for p in ns.parts]), ns.out, ns.stem):
         print("wrote", path)
 
 

@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# Reproduce every benchmark table and plot into bench/results (CPU by default; DEVICE=cuda on a GPU).
-# Run after `bash scripts/setup_and_test.sh` (or inside any venv with fasp_ext built):
+# Reproduce every benchmark table and plot of docs/results.md into bench/results (CPU by default;
+# DEVICE=cuda on a GPU; bench/gpu_check.sh makes the GPU files). Run after
+# `bash scripts/setup_and_test.sh` (or inside any venv with fasp_ext built):
 #   bash bench/run_all.sh
-# Takes a while on a small CPU (the quality comparison prunes SmolLM2-135M many times).
+# Takes hours on a small CPU (the quality comparisons prune SmolLM2-135M many times). The timings
+# wait for a quiet machine (bench/quiet.py). The screens behind docs/decisions.md are in
+# bench/results/screens/, each with its own commands; bench/results/INDEX.md names every file's
+# command and commit (python bench/index_results.py rewrites it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then source .venv/bin/activate; fi
 DEVICE=${DEVICE:-cpu}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
-python bench/bench_ops.py --device "$DEVICE"
-[ "$DEVICE" = cpu ] && python bench/bench_gram.py && python bench/bench_gram_backends.py
+Q="python bench/quiet.py --"
+$Q python bench/bench_ops.py --device "$DEVICE"
+if [ "$DEVICE" = cpu ]; then
+  $Q python bench/bench_gram.py
+  $Q python bench/bench_gram_backends.py
+  $Q python bench/bench_scaling.py  # docs/memory.md: --lazy on synthetic checkpoints, 1x2 and 2x1
+fi
 # end-to-end time against one dense forward, at 128 and at 32 calibration windows, with the
-# replanning option (README: Pruning time) interleaved
-python bench/bench_e2e.py --device "$DEVICE" --models smollm2 --nsamples 128 --repeats 2 \
+# replanning option interleaved (docs/results.md: Pruning time)
+$Q python bench/bench_e2e.py --device "$DEVICE" --models smollm2 --nsamples 128 --repeats 2 \
   --variant allocation_replan,allocation_samples=4
-python bench/bench_e2e.py --device "$DEVICE" --models smollm2 --nsamples 32 --repeats 3 \
+$Q python bench/bench_e2e.py --device "$DEVICE" --models smollm2 --nsamples 32 --repeats 3 \
   --variant allocation_replan,allocation_samples=4 --stem "e2e_${DEVICE}_32"
-python bench/bench_inference.py --device "$DEVICE"
-# baselines and FASP at 10/20/30 % (the README's quality table). A bare method name takes that
+$Q python bench/bench_inference.py --device "$DEVICE"
+# baselines and FASP at 10/20/30 % (docs/results.md's quality tables). A bare method name takes that
 # method's own allocation (error curves for fasp, FLAP's ranking for flap, uniform for the others).
 python -m fasp_ext compare --model smollm2 --device "$DEVICE" --quiet \
   --methods magnitude wanda-sp flap:allocation=uniform flap depth2 fasp:allocation=uniform fasp \
