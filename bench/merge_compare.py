@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 SETTINGS = ("model", "calib", "nsamples", "seqlen", "seed", "evals", "eval_windows")
 
 
-#: windows the allocation's dense pass used by default, per allocation, before rows recorded it
-#: (``allocation_windows``): error-am used 16 until 2026-12-01
+#: windows the allocation's dense pass used by default in rows from before the rows recorded it
+#: (``allocation_windows``): error-am's dense pass used 16 then, 12 now (docs/decisions.md)
 LEGACY_SAMPLES = {"error-am": 16}
 
 

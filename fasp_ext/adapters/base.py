@@ -3,6 +3,12 @@
 An adapter names the decoder blocks, the two linked pairs of projections of each block and the
 attention head geometry, and knows how to rebuild a block whose value head size differs from its
 query/key head size. The pipeline (fasp_ext/pipeline.py) never looks at the model type itself.
+
+To add a family: subclass :class:`Adapter` (or the closest existing adapter), fill in the attribute
+names and ``value_pruned_forward`` (the family's stock attention forward with value heads of size
+``v_head_dim``), add the class to ``ADAPTERS`` in fasp_ext/adapters/__init__.py and a tiny random
+model of the family to tests/tiny_models.py (``FAMILIES``): the family tests then run on it.
+docs/adding-a-family.md walks through each attribute.
 """
 
 from __future__ import annotations
