@@ -22,6 +22,11 @@ def accumulate_stats_fake(X, s, H):
     return None
 
 
+def accumulate_stats_deferred_fake(X, s, H, bad):
+    ref.check_stats_args(X, s, H)
+    return None
+
+
 def score_select_fake(W, s, k, groups, segments):
     ref.check_score_meta(W, s, k, groups, segments)
     return W.new_empty((k,), dtype=torch.int64)
@@ -38,3 +43,5 @@ def register(lib: str) -> None:
     torch.library.register_fake(f"{lib}::accumulate_stats")(accumulate_stats_fake)
     torch.library.register_fake(f"{lib}::score_select")(score_select_fake)
     torch.library.register_fake(f"{lib}::restore")(restore_fake)
+    if torch._C._dispatch_has_kernel(f"{lib}::accumulate_stats_deferred"):  # declared by CUDA builds only
+        torch.library.register_fake(f"{lib}::accumulate_stats_deferred")(accumulate_stats_deferred_fake)

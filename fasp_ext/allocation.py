@@ -151,11 +151,12 @@ def dense_costs(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -
     for i in steps_:
         block = mover.fetch(blocks, i, device)
         hooks, st_o, st_d = [], None, None
+        prec = cfg.gram_precision_on(device)
         if cfg.attn_fraction > 0:
-            st_o = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram)
+            st_o = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram, precision=prec)
             hooks.append(collect(adapter.value_pair(block)[1], st_o, norm=cfg.output_norm(adapter, block, "attn")))
         if cfg.mlp_fraction > 0:
-            st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, device, need_gram)
+            st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, device, need_gram, precision=prec)
             hooks.append(collect(adapter.mlp_pair(block)[1], st_d, norm=cfg.output_norm(adapter, block, "mlp")))
         with timer("allocation_forward"):
             outs = run_block(block, inputs.at(i), keep_outputs=True)
@@ -176,8 +177,13 @@ def dense_costs(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -
 
 def stream_energy(hidden: list[torch.Tensor], device) -> float:
     """Sum of squares of the residual stream over every calibration token (of every process)."""
-    # one fused reduction per batch (no squared copy of the stream)
-    total = sum(float(torch.linalg.vector_norm(x, dtype=torch.float32)) ** 2 for x in hidden)
+    # one fused reduction per batch (no squared copy of the stream), summed on the device in float64
+    # (each norm squared there, as Python squared it before) and read back once, not once per batch
+    total = None
+    for x in hidden:
+        sq = torch.linalg.vector_norm(x, dtype=torch.float32).double().square()
+        total = sq if total is None else total + sq
+    total = 0.0 if total is None else float(total)
     return distributed.all_reduce_numbers(total, device=device)[0]
 
 

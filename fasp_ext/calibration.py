@@ -5,6 +5,7 @@ Nothing here knows a model family: the adapter names the blocks and projections.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from contextlib import contextmanager
@@ -191,14 +192,22 @@ class Stats:
     n_val_pending: torch.Tensor | None = None
     #: whether H already holds the held-out samples' Gram (``reduce`` folds H_val into it once)
     val_in_H: bool = False
+    #: on a GPU (``ops.defers``): nonzero once a batch held NaN/Inf, kept on the device and read by
+    #: ``reduce`` (None: each batch is checked as it comes, by the op)
+    bad: torch.Tensor | None = None
+    #: what the Gram update multiplies (``PruneConfig.gram_precision``): "fp32", "tf32" or "bf16"
+    precision: str = "fp32"
 
     @staticmethod
-    def new(m: int, device, gram: bool = True, store: bool = False, val_every: int = 0) -> "Stats":
+    def new(m: int, device, gram: bool = True, store: bool = False, val_every: int = 0,
+            precision: str = "fp32") -> "Stats":
         z = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
         val = gram and val_every > 0
+        bad = torch.zeros(1, dtype=torch.int32, device=device) if ops.defers(device) else None
         # under torch.distributed, samples are numbered globally so the held-out ones are the same
         return Stats(z(m), z(m, m) if gram else None, z(m), 0, [] if store else None, val_every if val else 0,
-                     z(m, m) if val else None, z(m) if val else None, samples=distributed.sample_offset())
+                     z(m, m) if val else None, z(m) if val else None, samples=distributed.sample_offset(),
+                     bad=bad, precision=precision)
 
     def reduce(self) -> "Stats":
         """Settle the weighted token counts and sum the statistics of every process
@@ -206,16 +215,50 @@ class Stats:
         if self.H_val is not None and not self.val_in_H:
             self.H += self.H_val
             self.val_in_H = True
-        if self.n_pending is not None:
-            self.n, self.n_pending = self.n + float(self.n_pending), None
-        if self.n_val_pending is not None:
-            self.n_val, self.n_val_pending = self.n_val + float(self.n_val_pending), None
+        self._settle()
         if distributed.active():
             distributed.all_reduce_(self.s, self.H, self.mu, self.H_val, self.mu_val, self.D)
             sums = distributed.all_reduce_numbers(self.n, self.n_val, device=self.s.device)
             # token counts stay integers; weighted sums (``add``'s weight) are floats
             self.n, self.n_val = (v if isinstance(o, float) else int(v) for v, o in zip(sums, (self.n, self.n_val)))
         return self
+
+    def _settle(self) -> None:
+        """Read back what the batches left on the device, in one copy: the NaN/Inf flag (raising the
+        op's error, before anything uses the statistics) and the weighted token counts."""
+        pending = [t for t in (self.n_pending, self.n_val_pending) if t is not None]
+        if self.bad is None:
+            vals = [float(t) for t in pending]
+        elif pending:
+            vals = torch.cat([self.bad.double()] + [t.double().reshape(1) for t in pending]).tolist()
+            if vals.pop(0) != 0:
+                raise ValueError(ops.NONFINITE_X)
+        else:
+            ops.raise_if_bad(self.bad)
+            vals = []
+        if self.n_pending is not None:
+            self.n, self.n_pending = self.n + vals.pop(0), None
+        if self.n_val_pending is not None:
+            self.n_val, self.n_val_pending = self.n_val + vals.pop(0), None
+
+    def _gram(self, X: torch.Tensor, s: torch.Tensor, H: torch.Tensor | None) -> None:
+        """``ops.accumulate_stats`` at this statistic's Gram precision, the NaN/Inf flag kept on the
+        device where ``bad`` is set."""
+        p = self.precision
+        acc = ops.accumulate_stats if self.bad is None else functools.partial(ops.accumulate_stats, bad=self.bad)
+        if H is None or p == "fp32" or X.dtype != torch.float32:
+            acc(X, s, H)
+        elif X.device.type == "cuda":  # tensor cores: bf16 inputs or TF32 products, fp32 sums
+            if p == "bf16":
+                acc(X.to(torch.bfloat16), s, H)
+            else:
+                with _allow_tf32():
+                    acc(X, s, H)
+        elif p == "bf16":  # the CPU emulates it: X rounded to bf16 (s too, as on a GPU), fp32 sums
+            acc(X.to(torch.bfloat16).float(), s, H)
+        else:  # TF32 on the CPU: s from X itself, H from X with its mantissa rounded to 10 bits
+            acc(X, s, None)
+            acc(round_tf32(X), torch.zeros_like(s), H)
 
     def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Count the inputs ``x`` (..., m). ``weight`` (one per token, x's leading shape): token t then
@@ -241,7 +284,7 @@ class Stats:
             self._add_runs(x2.reshape(per_sample), xs.reshape(per_sample),
                            None if wsq is None else wsq.reshape(b, -1, 1), is_val)
         else:
-            ops.accumulate_stats(xs, self.s, self.H)
+            self._gram(xs, self.s, self.H)
         # sum_t w_t^2 x_t as one (1 x n) @ (n x m) product: no weighted copy of the batch
         self.mu += x2.sum(0, dtype=torch.float32) if wsq is None else (wsq.t() @ x2.float()).reshape(-1)
         if wsq is None:
@@ -272,11 +315,11 @@ class Stats:
             i, j = ids[0], ids[-1] + 1
             run = xs3[i:j].reshape(-1, m)
             if not val:
-                ops.accumulate_stats(run, self.s, self.H)
+                self._gram(run, self.s, self.H)
                 continue
-            ops.accumulate_stats(run, self.s, self.H_val)
+            self._gram(run, self.s, self.H_val)
             if self.val_in_H:
-                ops.accumulate_stats(run, torch.zeros_like(self.s), self.H)
+                self._gram(run, torch.zeros_like(self.s), self.H)
             if w3 is None:
                 self.mu_val += run.sum(0, dtype=torch.float32)
                 self.n_val += run.shape[0]
@@ -285,6 +328,29 @@ class Stats:
                 self.mu_val += (wv.t() @ x3[i:j].reshape(-1, m).float()).reshape(-1)
                 self.n_val = float(self.n_val)
                 self.n_val_pending = wv.sum() if self.n_val_pending is None else self.n_val_pending + wv.sum()
+
+
+GRAM_PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` with its mantissa rounded to TF32's 10 bits (to nearest, ties to even), as a
+    tensor core rounds a TF32 product's inputs; NaN and Inf stay as they are."""
+    b = x.contiguous().view(torch.int32)
+    r = (b + 0xFFF + ((b >> 13) & 1)) & ~0x1FFF
+    finite = torch.isfinite(x)
+    return torch.where(finite, r.view(torch.float32), x)
+
+
+@contextmanager
+def _allow_tf32():
+    """cuBLAS may use TF32 tensor cores for fp32 GEMMs (the CUDA Gram kernel honours the flag)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def fluctuation_scores(W: torch.Tensor, stats: Stats) -> torch.Tensor:

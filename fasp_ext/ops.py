@@ -82,13 +82,85 @@ class RestoreReport:
         return f"RestoreReport(path={self.path!r}, lam={self.lam!r}, attempts={self.attempts})"
 
 
-def accumulate_stats(X: torch.Tensor, s: torch.Tensor, H: torch.Tensor | None = None) -> None:
+#: Host waits each op's CUDA kernel (and its plain-torch fallback on a GPU) makes per call, the
+#: same count the kernels declare line by line (``// HOST_SYNC: <name>``, listed in the table in
+#: csrc/cuda/common.cuh; tests/test_sync_budget.py checks both and counts these per call during a
+#: prune). ``accumulate_stats`` raises on NaN/Inf, so it reads its flag back; the pipeline calls
+#: ``accumulate_stats_deferred`` on a GPU instead, whose flag stays on the device until the
+#: statistics are used (``Stats.reduce``). ``restore``: its checks and one read per factorisation
+#: attempt (two on the common path: one attempt).
+HOST_SYNCS = {
+    "fasp_ext::accumulate_stats": 1,
+    "fasp_ext::accumulate_stats_deferred": 0,
+    "fasp_ext::score_select": 1,
+    "fasp_ext::restore": 2,
+    "fasp_ext_ref::accumulate_stats": 1,
+    "fasp_ext_ref::score_select": 1,
+    "fasp_ext_ref::restore": 2,
+}
+
+#: the message of a batch with NaN/Inf (the ops' own, reference.accumulate_stats)
+NONFINITE_X = "accumulate_stats: X contains NaN or Inf (or values whose square overflows fp32)"
+
+
+def defers(device) -> bool:
+    """Whether work on ``device`` is queued behind the host (a GPU): the pipeline then keeps its
+    checks and counters on the device and reads them back once, where they are used, instead of per
+    batch. (tests/test_sync_budget.py turns this on for CPU runs to count what a GPU run waits for.)"""
+    return torch.device(device).type == "cuda"
+
+
+def accumulate_stats(X: torch.Tensor, s: torch.Tensor, H: torch.Tensor | None = None,
+                     bad: torch.Tensor | None = None) -> None:
     """In place: ``s += sum_tokens x**2`` and, if ``H`` is given, ``H += X^T X`` (fp32 accumulation).
 
     X: (..., m) float32/float16/bfloat16. s: (m,) float32. H: (m, m) float32 or None.
+    NaN/Inf in X raise ValueError, or, with ``bad`` (an int32 tensor of one element on X's device),
+    set ``bad`` to nonzero instead, with no host synchronisation: the caller checks it once
+    (``raise_if_bad``) before using s or H, which are then not to be trusted.
     """
     ref.check_stats_args(X, s, H)
-    _ops_for(X.device, "accumulate_stats").accumulate_stats(X, s, H)
+    if bad is None:
+        _ops_for(X.device, "accumulate_stats").accumulate_stats(X, s, H)
+        return
+    if bad.dtype != torch.int32 or bad.numel() != 1 or bad.device != X.device:
+        raise ValueError(f"accumulate_stats: bad must be an int32 tensor of one element on {X.device}, "
+                         f"got {bad.dtype} {tuple(bad.shape)} on {bad.device}")
+    kernel = _deferred_kernel(X.device)
+    if kernel is not None:
+        kernel(X, s, H, bad)
+        return
+    m = X.shape[-1]  # plain torch, the reference's arithmetic with the flag kept on the device
+    X2 = X.reshape(-1, m).to(torch.float32)
+    part = (X2 * X2).sum(0)
+    bad.bitwise_or_(torch.isfinite(part).all().logical_not().to(torch.int32))
+    s.add_(part)
+    if H is not None:
+        H.addmm_(X2.t(), X2)
+
+
+_DEFERRED: dict[str, object] = {}
+
+
+def _deferred_kernel(device: torch.device):
+    """The compiled ``accumulate_stats_deferred`` kernel for ``device`` (CUDA builds), or None."""
+    if device.type not in _DEFERRED:
+        kernel = None
+        if compiled_ops_for(device, "accumulate_stats") is not None:
+            try:
+                if torch._C._dispatch_has_kernel_for_dispatch_key("fasp_ext::accumulate_stats_deferred",
+                                                                  device.type.upper()):
+                    kernel = torch.ops.fasp_ext.accumulate_stats_deferred
+            except Exception:  # pragma: no cover - a build without the op
+                kernel = None
+        _DEFERRED[device.type] = kernel
+    return _DEFERRED[device.type]
+
+
+def raise_if_bad(bad: torch.Tensor | None) -> None:
+    """Raise ``accumulate_stats``'s ValueError if ``bad`` (see there) was set: one host read."""
+    if bad is not None and int(bad) != 0:
+        raise ValueError(NONFINITE_X)
 
 
 def cpu_gram_backend() -> str:

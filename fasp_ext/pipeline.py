@@ -30,8 +30,8 @@ from . import distributed, ops
 from .adapters import Adapter, adapter_for
 from .adapters.base import _shrink_linear, new_linear
 from .damping import DEFAULT_GRID, choose_damp
-from .calibration import (BlockInputs, BlockMover, Stats, capture_block_inputs, collect, fluctuation_scores, kept_linear,
-                          record, replay_attention, run_block)
+from .calibration import (GRAM_PRECISIONS, BlockInputs, BlockMover, Stats, capture_block_inputs, collect,
+                          fluctuation_scores, kept_linear, record, replay_attention, run_block)
 
 log = logging.getLogger("fasp_ext")
 
@@ -50,6 +50,9 @@ DEFAULT_ALLOCATION = {"fasp": "error-am", "flap": "flap", "wanda-sp": "uniform",
 #: calibration windows each allocation's dense pass uses by default (``allocation_samples=None``);
 #: why these counts: docs/decisions.md
 ALLOCATION_SAMPLES = {"error": 16, "error-am": 12, "flap": 32, "flap-am": 32}
+#: Gram precision per device type when ``PruneConfig.gram_precision`` is None (docs/gpu.md: the
+#: accuracy screen that decides the GPU's, bench/results/gram_precision_screen.md)
+GRAM_PRECISION_DEFAULT = {"cpu": "fp32", "cuda": "fp32"}
 
 
 @dataclass
@@ -132,8 +135,19 @@ class PruneConfig:
     #: keep the calibration hidden states (and the correction's stored inputs) in host memory, pinned
     #: on a GPU, and bring one batch at a time to the compute device (docs/memory.md)
     offload_activations: bool = False
+    #: what the Gram updates multiply on fp32 activations: "fp32", "tf32" (TF32 tensor-core
+    #: products) or "bf16" (inputs rounded to bfloat16), always summed in fp32; None: the device's
+    #: default, ``GRAM_PRECISION_DEFAULT`` (fp32 on a CPU, where the others are only emulated:
+    #: docs/gpu.md). A model already in fp16/bf16 is multiplied in its own dtype either way
+    gram_precision: str | None = None
     #: show a progress bar
     progress: bool = True
+
+    def gram_precision_on(self, device) -> str:
+        """The Gram precision used on ``device``: ``gram_precision``, or the device type's default."""
+        if self.gram_precision is not None:
+            return self.gram_precision
+        return GRAM_PRECISION_DEFAULT.get(torch.device(device).type, "fp32")
 
     def validate(self) -> None:
         for name in ("sparsity", "mlp_sparsity", "attn_sparsity"):
@@ -180,6 +194,8 @@ class PruneConfig:
         if self.damp != "auto" and (not isinstance(self.damp, (int, float)) or not (self.damp >= 0.0)
                                     or math.isinf(self.damp)):
             raise ValueError(f"damp must be 'auto' or a finite number >= 0, got {self.damp!r}")
+        if self.gram_precision is not None and self.gram_precision not in GRAM_PRECISIONS:
+            raise ValueError(f"gram_precision must be one of {', '.join(GRAM_PRECISIONS)}, got {self.gram_precision!r}")
         if self.damp == "auto" and int(self.val_every) < 2:
             raise ValueError(f"val_every must be >= 2 with damp='auto', got {self.val_every!r}")
 
@@ -280,24 +296,46 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
+def _cuda_event(device: torch.device):
+    """A timing CUDA event recorded now on ``device``'s current stream."""
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record(torch.cuda.current_stream(device))
+    return ev
+
+
 class _Timer:
+    """Seconds per phase: the wall clock on a CPU; on a GPU (``ops.defers``) a pair of CUDA events
+    per phase, read once by ``settle`` at the end, so timing never makes the host wait mid-run."""
+
     def __init__(self, device: torch.device):
         self.device = device
         self.times: dict[str, float] = defaultdict(float)
+        self.events = ops.defers(device)
+        self._pending: list[tuple] = []  # (phase, start event, end event)
 
     def __call__(self, name: str):
         timer = self
 
         class _Ctx:
             def __enter__(self):
-                self.t = time.perf_counter()
+                self.t = _cuda_event(timer.device) if timer.events else time.perf_counter()
 
             def __exit__(self, *exc):
-                if timer.device.type == "cuda":
-                    torch.cuda.synchronize(timer.device)
-                timer.times[name] += time.perf_counter() - self.t
+                if timer.events:
+                    timer._pending.append((name, self.t, _cuda_event(timer.device)))
+                else:
+                    timer.times[name] += time.perf_counter() - self.t
 
         return _Ctx()
+
+    def settle(self) -> dict[str, float]:
+        """Every phase's total so far (the one wait for the device: its last event)."""
+        if self._pending:
+            self._pending[-1][2].synchronize()
+            for name, start, end in self._pending:
+                self.times[name] += start.elapsed_time(end) / 1e3
+            self._pending.clear()
+        return dict(self.times)
 
 
 # ----------------------------------------------------------------------------- selection + restore
@@ -672,7 +710,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             whole = keeps[i]["v_keep"] is not None and keeps[i]["v_keep"] == dv and \
                 not (replan and replanner.may_change(i, "attn"))
             st = Stats.new(adapter.value_pair(block)[1].in_features, device, (need_gram or replan) and not whole,
-                           store=can_replay, val_every=val_every)
+                           store=can_replay, val_every=val_every, precision=cfg.gram_precision_on(device))
             st.store_device = inputs.hidden[0].device
             st.dense = x_dense["attn"]
             h = collect(adapter.value_pair(block)[1], st, stop=True, norm=cfg.output_norm(adapter, block, "attn"))
@@ -697,7 +735,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
             whole = keeps[i]["mlp_keep"] is not None and keeps[i]["mlp_keep"] == out.in_features and \
                 not (replan and replanner.may_change(i, "mlp"))
             st = Stats.new(out.in_features, device, (need_gram or replan) and not whole, store=can_correct,
-                           val_every=val_every)
+                           val_every=val_every, precision=cfg.gram_precision_on(device))
             st.store_device = inputs.hidden[0].device
             st.dense = x_dense["mlp"]
             # with the correction the pass stops at the output projection, keeping its inputs and the
@@ -738,7 +776,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
     _record_sizes(adapter, model, report, biased_before)
     model.train(was_training)
     report.params_after = count_params(model)
-    report.times = dict(timer.times)
+    report.times = timer.settle()
     report.times["total"] = time.perf_counter() - t0
     return report
 
@@ -759,11 +797,11 @@ def _one_pass_stats(adapter, block, inputs, cfg, prune_attn, prune_mlp_, need_gr
     hooks, st_o, st_d = [], None, None
     if prune_attn:
         st_o = Stats.new(adapter.value_pair(block)[1].in_features, block_device(block), need_gram,
-                         val_every=val_every)
+                         val_every=val_every, precision=cfg.gram_precision_on(block_device(block)))
         hooks.append(collect(adapter.value_pair(block)[1], st_o, norm=cfg.output_norm(adapter, block, "attn")))
     if prune_mlp_:
         st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, block_device(block), need_gram,
-                         val_every=val_every)
+                         val_every=val_every, precision=cfg.gram_precision_on(block_device(block)))
         hooks.append(collect(adapter.mlp_pair(block)[1], st_d, norm=cfg.output_norm(adapter, block, "mlp")))
     outs = run_block(block, inputs, keep_outputs=True)
     for h in hooks:

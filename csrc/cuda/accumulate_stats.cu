@@ -1,9 +1,14 @@
-// CUDA kernel of fasp_ext::accumulate_stats: s += sum over tokens of x^2, H += X^T X (fp32).
+// CUDA kernels of fasp_ext::accumulate_stats and fasp_ext::accumulate_stats_deferred:
+// s += sum over tokens of x^2, H += X^T X (fp32).
 //
 // The column squared norms are one fused, coalesced, deterministic column reduction
 // (common.cuh) into a temporary, whose finiteness is checked on the device; a second tiny kernel
-// adds the temporary to s only when every entry is finite, so s is left untouched on error. The
-// single host sync reads that flag (the op must raise before touching H). The Gram goes through
+// adds the temporary to s only when every entry is finite, so s is left untouched on error.
+// accumulate_stats reads that flag back (its one host wait: it must raise before touching H).
+// accumulate_stats_deferred never waits: the reduction ORs a non-finite column sum into the
+// caller's `bad` flag (int32, one element, on the device), s stays as it was from the first bad
+// batch on, and the caller reads the flag once before using s or H (fasp_ext/calibration.py's
+// Stats.reduce), which are not to be trusted once it is set. The Gram goes through
 // cublasGemmEx on the current stream with fp32 output and fp32 compute (tensor cores for
 // fp16/bf16 inputs, reduced-precision reductions disallowed; fp32 inputs honour
 // torch.backends.cuda.matmul.allow_tf32). GEMM rather than SYRK keeps H += X^T X exact in meaning
@@ -106,40 +111,76 @@ void gram_update(const at::Tensor& X2, int64_t n, int64_t m, int64_t ld, at::Ten
   FASP_CUBLAS_CHECK(status);
 }
 
+// X as a row-major (n x m) matrix with row stride ld (a view where possible).
+struct Rows {
+  at::Tensor X2;
+  int64_t n = 0, m = 0, ld = 0;
+};
+
+Rows as_rows(const at::Tensor& X) {
+  Rows r;
+  r.m = X.size(-1);
+  if (r.m == 0) return r;
+  at::Tensor Xc = X.stride(-1) == 1 ? X : X.contiguous();
+  r.X2 = Xc.reshape({-1, r.m});
+  r.n = r.X2.size(0);
+  if (r.n == 0) return r;
+  if (!(r.X2.stride(1) == 1 || r.m == 1) || (r.n > 1 && r.X2.stride(0) < r.m)) r.X2 = r.X2.contiguous();
+  r.ld = r.n == 1 ? r.m : r.X2.stride(0);
+  return r;
+}
+
+// s += column sums of x^2, unless a column sum is non-finite or *flag is already set: then only
+// *flag is set (flag: device int32, one element). Queued on the current stream, no host wait.
+void add_squares(const Rows& r, at::Tensor& s, at::Tensor& flag) {
+  auto fopts = r.X2.options().dtype(at::kFloat);
+  at::Tensor part = at::empty({r.m}, fopts);
+  dispatch_float_types(r.X2.scalar_type(), "accumulate_stats: X", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    column_reduce<T, ColOp::kSquare>(static_cast<const T*>(r.X2.const_data_ptr()), r.n, r.m, r.ld,
+                                     part.data_ptr<float>(), flag.data_ptr<int>(), fopts);
+  });
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>((r.m + threads - 1) / threads, 1024));
+  guarded_add_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      s.data_ptr<float>(), part.data_ptr<float>(), flag.data_ptr<int>(), r.m);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // The signature must match the CPU kernel's exactly (the dispatcher checks it at load time).
 void accumulate_stats_cuda(const at::Tensor& X, at::Tensor s, std::optional<at::Tensor> H) {
   check_args(X, s, H);
   const c10::cuda::CUDAGuard guard(X.device());
-  const int64_t m = X.size(-1);
-  if (m == 0) return;
-  at::Tensor Xc = X.stride(-1) == 1 ? X : X.contiguous();
-  at::Tensor X2 = Xc.reshape({-1, m});
-  const int64_t n = X2.size(0);
-  if (n == 0) return;
-  if (!(X2.stride(1) == 1 || m == 1) || (n > 1 && X2.stride(0) < m)) X2 = X2.contiguous();
-  const int64_t ld = n == 1 ? m : X2.stride(0);
-
-  auto fopts = X.options().dtype(at::kFloat);
-  at::Tensor part = at::empty({m}, fopts);
-  at::Tensor flag = at::zeros({1}, fopts.dtype(at::kInt));
-  dispatch_float_types(X2.scalar_type(), "accumulate_stats: X", [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    column_reduce<T, ColOp::kSquare>(static_cast<const T*>(X2.const_data_ptr()), n, m, ld,
-                                     part.data_ptr<float>(), flag.data_ptr<int>(), fopts);
-  });
-  {
-    const int threads = 256;
-    const int blocks = static_cast<int>(std::min<int64_t>((m + threads - 1) / threads, 1024));
-    guarded_add_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        s.data_ptr<float>(), part.data_ptr<float>(), flag.data_ptr<int>(), m);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  // The one host sync: the op raises (and leaves s and H untouched) on non-finite statistics.
-  TORCH_CHECK_VALUE(flag.item<int>() == 0,
+  const Rows r = as_rows(X);
+  if (r.m == 0 || r.n == 0) return;
+  at::Tensor flag = at::zeros({1}, X.options().dtype(at::kInt));
+  add_squares(r, s, flag);
+  // The op raises (and leaves s and H untouched) on non-finite statistics.
+  TORCH_CHECK_VALUE(flag.item<int>() == 0,  // HOST_SYNC: accumulate_stats.flag
                     "accumulate_stats: X contains NaN or Inf (or values whose square overflows fp32)");
   if (H.has_value() && H->defined()) {
     at::Tensor h = *H;
-    gram_update(X2, n, m, ld, h);
+    gram_update(r.X2, r.n, r.m, r.ld, h);
+  }
+}
+
+// No host wait: NaN/Inf set `bad` instead of raising (see the file's comment).
+void accumulate_stats_deferred_cuda(const at::Tensor& X, at::Tensor s, std::optional<at::Tensor> H,
+                                    at::Tensor bad) {
+  check_args(X, s, H);
+  TORCH_CHECK_VALUE(bad.scalar_type() == at::kInt && bad.numel() == 1 && bad.device() == X.device(),
+                    "accumulate_stats: bad must be an int32 tensor of one element on ",
+                    py_device(X.device()), ", got ", py_dtype(bad.scalar_type()), " ",
+                    py_shape(bad.sizes()), " on ", py_device(bad.device()));
+  const c10::cuda::CUDAGuard guard(X.device());
+  const Rows r = as_rows(X);
+  if (r.m == 0 || r.n == 0) return;
+  at::Tensor flag = bad.is_contiguous() ? bad : bad.contiguous();
+  add_squares(r, s, flag);
+  if (!flag.is_same(bad)) bad.copy_(flag);
+  if (H.has_value() && H->defined()) {
+    at::Tensor h = *H;
+    gram_update(r.X2, r.n, r.m, r.ld, h);
   }
 }
 
@@ -147,6 +188,13 @@ void accumulate_stats_cuda(const at::Tensor& X, at::Tensor s, std::optional<at::
 }  // namespace cuda
 }  // namespace fasp_ext
 
+// CUDA builds only (the CPU checks each batch as it comes, with no device to wait for); the
+// Python wrapper (fasp_ext/ops.py) falls back to plain torch where this op is absent.
+TORCH_LIBRARY_FRAGMENT(fasp_ext, m) {
+  m.def("accumulate_stats_deferred(Tensor X, Tensor(a!) s, Tensor(b!)? H, Tensor(c!) bad) -> ()");
+}
+
 TORCH_LIBRARY_IMPL(fasp_ext, CUDA, m) {
   m.impl("accumulate_stats", &fasp_ext::cuda::accumulate_stats_cuda);
+  m.impl("accumulate_stats_deferred", &fasp_ext::cuda::accumulate_stats_deferred_cuda);
 }

@@ -26,6 +26,29 @@
 namespace fasp_ext {
 namespace cuda {
 
+// Every place the CUDA kernels make the host wait for the device: a read of a device value, a
+// device-to-host copy, a device or stream synchronisation, or an ATen call that checks its result
+// on the host. Each such line of csrc/cuda carries `// HOST_SYNC: <name>` with a name listed here;
+// tests/test_sync_budget.py reads the sources, fails on any other waiting line, and checks that the
+// waits per call on the common path (`per_call`) add up, op by op, to fasp_ext/ops.py's HOST_SYNCS.
+// bench/gpu_check.sh confirms the counts on a GPU with torch.cuda.set_sync_debug_mode.
+struct HostSync {
+  const char* name;
+  const char* op;
+  int per_call;  // waits per call on the common path (one factorisation attempt, no fallback)
+  const char* when;
+};
+inline constexpr HostSync kHostSyncs[] = {
+    {"accumulate_stats.flag", "accumulate_stats", 1,
+     "every call of the raising op: NaN/Inf raise before H is touched (the pipeline calls "
+     "accumulate_stats_deferred on a GPU, which has none)"},
+    {"score_select.flag", "score_select", 1, "every call: index range and NaN/Inf checks"},
+    {"restore.checks", "restore", 1,
+     "every call: kept in range and increasing, W and H finite, mean(diag H[S, S])"},
+    {"restore.attempt", "restore", 1, "each factorisation attempt: its status and finiteness"},
+    {"restore.eigen", "restore", 0, "the eigen fallback only: linalg_eigh checks its result"},
+};
+
 // Per-element transform applied before the column sum.
 enum class ColOp { kSquare, kAbs };
 

@@ -167,7 +167,7 @@ double check_values_and_mean_diag(const at::Tensor& W, const at::Tensor& H, cons
       at::stack({nonempty ? kept.min().to(at::kDouble) : zero, nonempty ? kept.max().to(at::kDouble) : zero,
                  kept.numel() > 1 ? (kept.slice(0, 1).le(kept.slice(0, 0, -1))).any().to(at::kDouble) : zero,
                  at::isfinite(W).all().to(at::kDouble), at::isfinite(H).all().to(at::kDouble), mean_diag})
-          .cpu();
+          .cpu();  // HOST_SYNC: restore.checks
   const double* f = flags.const_data_ptr<double>();
   if (nonempty) {
     TORCH_CHECK_VALUE(f[0] >= 0 && f[1] < static_cast<double>(m), "restore: kept indices must lie in [0, ", m,
@@ -233,7 +233,8 @@ std::tuple<at::Tensor, at::Tensor> restore_cuda(const at::Tensor& W, const at::T
     at::Tensor X = rhs.clone(at::MemoryFormat::Contiguous);
     potrs(handle, A, X, info_s);  // harmless garbage when potrf failed; saves a sync
     // One host sync per attempt: factorisation status and finiteness of the solve.
-    at::Tensor st = at::cat({info.to(at::kInt), at::isfinite(X).all().to(at::kInt).reshape({1})}).cpu();
+    at::Tensor st = at::cat({info.to(at::kInt), at::isfinite(X).all().to(at::kInt).reshape({1})})
+                        .cpu();  // HOST_SYNC: restore.attempt
     const int* sp = st.const_data_ptr<int>();
     if (sp[0] == 0) {
       TORCH_CHECK(sp[1] == 0, "restore: cuSOLVER potrs reported invalid argument ", -sp[1]);
@@ -248,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> restore_cuda(const at::Tensor& W, const at::T
   // Eigen fallback: pseudo-inverse with eigenvalues below a relative floor dropped.
   at::Tensor A = Hss.clone(at::MemoryFormat::Contiguous);
   add_diagonal(A, lam);
-  auto [evals, evecs] = at::linalg_eigh(A);
+  auto [evals, evecs] = at::linalg_eigh(A);  // HOST_SYNC: restore.eigen
   const double eps = use_fp64 ? std::numeric_limits<double>::epsilon()
                               : static_cast<double>(std::numeric_limits<float>::epsilon());
   at::Tensor floor = evals.abs().max().mul(k).mul(eps);

@@ -233,7 +233,7 @@ at::Tensor score_select_cuda(const at::Tensor& W, const at::Tensor& s, int64_t k
       scores.data_ptr<float>(), out.data_ptr<int64_t>(), flag.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const int err = flag.item<int>();  // the one host sync: raise like reference.py
+  const int err = flag.item<int>();  // HOST_SYNC: score_select.flag (raise like reference.py)
   TORCH_CHECK_VALUE(!(err & kErrGroups), "score_select: groups entries must lie in [0, ", m, ")");
   TORCH_CHECK_VALUE(!(err & kErrS), "score_select: s contains NaN or Inf");
   TORCH_CHECK_VALUE(!(err & kErrW), "score_select: W contains NaN or Inf");
