@@ -16,16 +16,73 @@ from . import distributed
 from .safety import (Terminated, UserError, check_device, check_free_space, check_model_folder, check_out,
                      handle_signals, signal_received)
 
+
 log = logging.getLogger("fasp_ext")
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+DTYPE_HELP = "model dtype; auto keeps the checkpoint's own (config dtype, else the safetensors headers)"
 
 
 def _dtype(name: str):
     import torch
 
     return getattr(torch, DTYPES[name])
+
+
+def _dtype_name(name: str, folder: Path | None) -> str:
+    """``--dtype`` as a torch dtype name; ``auto`` is the dtype the checkpoint folder stores (the
+    embedded models are cached in float32)."""
+    from .safety import checkpoint_dtype
+
+    if DTYPES[name] != "auto":
+        return DTYPES[name]
+    return checkpoint_dtype(folder) if folder is not None else "float32"
+
+
+def _read_text(arg: str, spec: str, max_chars: int | None, split: str = "eval") -> str:
+    """A text spec read for ``--arg``, at most ``max_chars`` characters of a file; any error names ``--arg``."""
+    from . import data
+
+    info: dict = {}
+    try:
+        text = data.load_text(spec, split=split, max_chars=max_chars, info=info)
+    except (ValueError, OSError) as e:
+        raise UserError(f"--{arg}: {_one_line(e)}") from None
+    if info.get("truncated"):
+        log.info("--%s: read the first %d characters of %s, as much as this run needs", arg, max_chars, spec)
+    return text
+
+
+class _QuietLibraries:
+    """``--quiet``: no progress bar from transformers or huggingface_hub either (loading and saving
+    weights); their previous state is restored on exit."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self.hf = hf_logging
+        self.bars, self.level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        try:
+            from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
+            self.hub_was_off = are_progress_bars_disabled()
+            disable_progress_bars()
+        except ImportError:  # pragma: no cover - transformers brings huggingface_hub
+            self.hub_was_off = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.bars:
+            self.hf.enable_progress_bar()
+        self.hf.set_verbosity(self.level)
+        if self.hub_was_off is False:
+            from huggingface_hub.utils import enable_progress_bars
+
+            enable_progress_bars()
+        return False
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -90,7 +147,7 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="tokens per window (calibration and perplexity)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help=DTYPE_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and of method random")
     p.add_argument("--eval", nargs="*", default=None, help="texts to measure perplexity on before and after " +
                    ("(default: austen:prideprejudice jargon)" if demo else "(default: none)"))
@@ -101,9 +158,12 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="keep the calibration hidden states in host memory (pinned) and move one batch at a time "
                         "to --device: GPU memory then holds one block and one batch")
     if not demo:
-        p.add_argument("--lazy", action="store_true",
+        p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
                        help="read each decoder block from the checkpoint at its turn and write it when pruned: "
-                            "host memory holds one block, not the model (no --eval); writes a sharded checkpoint")
+                            "host memory holds one block, not the model; writes a sharded checkpoint, bitwise "
+                            "what --no-lazy (the whole model in memory) writes (default: on for a local "
+                            "safetensors folder or an embedded model, off under torchrun with --eval; --eval then "
+                            "loads the dense model once before pruning and evaluates the written result)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_bos_arg(p)
 
@@ -159,7 +219,7 @@ def _local_model_folder(spec: str) -> Path | None:
     """The folder a model spec names, None for the embedded models (and hub-cache ids)."""
     from . import models
 
-    if str(spec).lower() in (*models.MODEL_ALIASES, *models.GEMMA3_ALIASES):
+    if models.is_embedded(spec):
         return None
     p = Path(str(spec)).expanduser()
     if p.exists() and not p.is_dir():
@@ -196,15 +256,17 @@ def _check_activation_memory(args, hidden) -> None:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return
-    need = 2 * args.nsamples * args.seqlen * hidden * _dtype(args.dtype).itemsize
+    need = 2 * args.nsamples * args.seqlen * hidden * _dtype(args.dtype_name).itemsize
     if need > ram:
         raise UserError(f"--nsamples {args.nsamples} x --seqlen {args.seqlen}: the calibration activations need "
                         f"about {need / 2**30:.1f} GiB, more than this machine's {ram / 2**30:.1f} GiB of memory")
 
 
 def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> dict:
+    import torch
+
     from . import data, models
-    from .io import save_pruned
+    from .io import Checkpoint, save_pruned
     from .pipeline import count_params, prune
 
     # everything a user can get wrong is checked before anything heavy is loaded
@@ -219,17 +281,21 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
         cfg.progress = cfg.progress and distributed.rank() == 0
     cfg.device = device
     folder = _local_model_folder(model_spec)
-    if getattr(args, "lazy", False):
-        if evals:
-            raise UserError("--eval needs the whole model in memory, which --lazy avoids; evaluate the output "
-                            "afterwards with `fasp-ext eval`")
-        if folder is None:
-            folder = Path(models.embedded_model_path(model_spec) or model_spec)
-            if not folder.is_dir():
-                raise UserError(f"--lazy needs a local checkpoint folder, got --model {model_spec!r}")
+    lazy = getattr(args, "lazy", False)
+    if lazy and evals and distributed.active():
+        raise UserError("--lazy with --eval under torchrun: evaluate the output afterwards with `fasp-ext eval`, "
+                        "or give --no-lazy")
+    if lazy is None:  # the default: block by block wherever a local checkpoint folder is pruned
+        lazy = (folder is not None or models.is_embedded(model_spec)) and not (evals and distributed.active())
+    if lazy and folder is None:
+        folder = Path(models.embedded_model_path(model_spec) or model_spec)
+        if not folder.is_dir():
+            raise UserError(f"--lazy needs a local checkpoint folder, got --model {model_spec!r}")
     n_params = None
+    args.dtype_name = _dtype_name(args.dtype, folder)
     if folder is not None:
         mconf, n_params = check_model_folder(folder)
+        Checkpoint(folder, getattr(torch, args.dtype_name), arg="--model").skeleton()  # config against weights
         if isinstance(mconf.get("text_config"), dict):  # a multimodal model: its language model's sizes
             mconf = mconf["text_config"]
         ctx = mconf.get("max_position_embeddings")
@@ -239,15 +305,16 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     protected = ([folder] if folder is not None else []) + _text_paths([calib, *evals])
     outp = check_out(out, args.overwrite, protected)
     if n_params:
-        nbytes = n_params * _dtype(args.dtype).itemsize
+        nbytes = n_params * _dtype(args.dtype_name).itemsize
         most = max(cfg.mlp_fraction, cfg.attn_fraction)
         check_free_space(outp, need_min=int(nbytes * (1.0 - most)), need_max=nbytes + (64 << 20))
-    calib_text = data.load_text(calib, split="calib")  # texts before weights: a typo fails in a second
-    eval_texts = {e: data.load_text(e) for e in evals}
-    if getattr(args, "lazy", False):
-        return _run_prune_lazy(args, cfg, model_spec, folder, calib, calib_text, outp, protected)
+    # texts before weights: a typo fails in a second; files are read as far as the run needs
+    calib_text = _read_text("calib", calib, data.calibration_char_budget(args.nsamples, args.seqlen), split="calib")
+    eval_texts = {e: _read_text("eval", e, data.eval_char_budget(args.seqlen, args.eval_windows)) for e in evals}
+    if lazy:
+        return _run_prune_lazy(args, cfg, model_spec, folder, calib, calib_text, eval_texts, outp, protected)
     t0 = time.perf_counter()
-    model, tok = models.load_model(model_spec, dtype=_dtype(args.dtype), device="cpu")
+    model, tok = models.load_model(model_spec, dtype=_dtype(args.dtype_name), device="cpu")
     t_load = time.perf_counter() - t0
     from .adapters import adapter_for
 
@@ -259,8 +326,9 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     tokens, calib_info = _calibration(calib, calib_text, args, tok, data)
     eval_sets = {e: data.eval_windows(tok, t, args.seqlen, args.eval_windows, bos=args.bos)
                  for e, t in eval_texts.items()}
-    result = {"model": model_spec, "calib": calib, "device": device, "dtype": args.dtype, "bos": args.bos,
-              "nsamples": args.nsamples, "seqlen": args.seqlen, "load_seconds": t_load, "calibration": calib_info}
+    result = {"model": model_spec, "calib": calib, "device": device, "dtype": str(model.dtype).replace("torch.", ""),
+              "bos": args.bos, "nsamples": args.nsamples, "seqlen": args.seqlen, "load_seconds": t_load,
+              "calibration": calib_info, "lazy": False}
     ppl_before = {}
     for name, win in eval_sets.items():
         ppl_before[name] = _perplexity(model.to(device), win, device, args.quiet,
@@ -300,31 +368,60 @@ def _perplexity(model, windows, device, quiet: bool, desc: str = "perplexity") -
     return math.exp(nll / n)
 
 
-def _run_prune_lazy(args, cfg, model_spec, folder: Path, calib, calib_text, outp, protected) -> dict:
-    """--lazy: blocks are read from the checkpoint at their turn and written when pruned (fasp_ext/lazy.py)."""
+def _run_prune_lazy(args, cfg, model_spec, folder: Path, calib, calib_text, eval_texts, outp, protected) -> dict:
+    """Blocks are read from the checkpoint at their turn and written when pruned (fasp_ext/lazy.py).
+    With texts to evaluate, the dense model is loaded once for the perplexity before and the written
+    result (reloaded with load_pruned from the output, before it is published) for the one after."""
+    import gc
+
     from transformers import AutoTokenizer
 
-    from . import data
-    from .lazy import prune_checkpoint
+    from . import data, models
+    from .io import load_pruned
+    from .lazy import _trim, prune_checkpoint
 
+    dtype = _dtype(args.dtype_name)
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     tokens, calib_info = _calibration(calib, calib_text, args, tok, data)
-    extra = {"model": model_spec, "calib": calib, "device": cfg.device, "dtype": args.dtype, "bos": args.bos,
+    eval_sets = {e: data.eval_windows(tok, t, args.seqlen, args.eval_windows, bos=args.bos)
+                 for e, t in eval_texts.items()}
+    ppl_before = {}
+    if eval_sets:
+        dense, _ = models.load_model(str(folder), dtype=dtype, device="cpu")
+        for name, win in eval_sets.items():
+            ppl_before[name] = _perplexity(dense.to(cfg.device), win, cfg.device, args.quiet,
+                                           desc=f"perplexity on {name}, dense (before)")
+        del dense
+        gc.collect()
+        _trim()
+
+    def evaluate(tmp: Path) -> dict:
+        pruned = load_pruned(tmp, dtype=dtype, device=cfg.device)
+        after = {name: _perplexity(pruned, win, cfg.device, args.quiet, desc=f"perplexity on {name}, pruned (after)")
+                 for name, win in eval_sets.items()}
+        del pruned
+        gc.collect()
+        return {"perplexity_after": after}
+
+    extra = {"model": model_spec, "calib": calib, "device": cfg.device, "dtype": args.dtype_name, "bos": args.bos,
              "nsamples": args.nsamples, "seqlen": args.seqlen, "calibration": calib_info,
-             "perplexity_before": {}, "perplexity_after": {}, "eval_windows": {}}
+             "perplexity_before": ppl_before, "perplexity_after": {},
+             "eval_windows": {k: int(v.shape[0]) for k, v in eval_sets.items()}}
     t1 = time.perf_counter()
-    result = prune_checkpoint(folder, outp, tokens, cfg, dtype=_dtype(args.dtype), overwrite=args.overwrite,
-                              report_extra=extra, protected=protected)
-    result["prune_seconds"] = time.perf_counter() - t1
+    result = prune_checkpoint(folder, outp, tokens, cfg, dtype=dtype, overwrite=args.overwrite,
+                              report_extra=extra, protected=protected, evaluate=evaluate if eval_sets else None)
+    result["prune_seconds"] = time.perf_counter() - t1 - result.get("eval_seconds", 0.0)
     return result
 
 
 def print_summary(r: dict) -> None:
-    mb = lambda n: n * 4 / 2**20  # noqa: E731  (fp32 bytes)
+    dtype = r.get("dtype", "float32")
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
+    mb = lambda n: n * size / 2**20  # noqa: E731
     print(f"\nfasp_ext {r['method']} at {r['sparsity']:.0%} on {r['model']}  (device {r['device']})")
     print(f"  parameters: {r['params_before']:,} -> {r['params_after']:,} "
           f"({1 - r['params_after'] / r['params_before']:.1%} fewer; "
-          f"{mb(r['params_before']):.0f} MB -> {mb(r['params_after']):.0f} MB in fp32)")
+          f"{mb(r['params_before']):.1f} MB -> {mb(r['params_after']):.1f} MB in {dtype})")
     print(f"  pruning time: {r['prune_seconds']:.1f} s on {r['calibration_tokens']:,} calibration tokens")
     for name in r["perplexity_before"]:
         b, a = r["perplexity_before"][name], r["perplexity_after"][name]
@@ -360,7 +457,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from . import data
-    from .io import load_model_and_tokenizer
+    from .io import Checkpoint, load_model_and_tokenizer
 
     if not args.data and not args.tasks:
         raise ValueError("eval: give texts (--data) and/or lm-eval tasks (--tasks)")
@@ -375,8 +472,11 @@ def cmd_eval(args) -> int:
     folder = _local_model_folder(args.model)
     if folder is not None:
         check_model_folder(folder)
-    texts = {spec: data.load_text(spec) for spec in args.data or []}
-    model, tok = load_model_and_tokenizer(args.model, dtype=_dtype(args.dtype), device=device)
+        Checkpoint(folder, arg="--model").skeleton()  # config against weights, before a weight is read
+    texts = {spec: _read_text("data", spec, data.eval_char_budget(args.seqlen, args.eval_windows))
+             for spec in args.data or []}
+    model, tok = load_model_and_tokenizer(args.model, dtype=DTYPES[args.dtype] if args.dtype == "auto"
+                                          else _dtype(args.dtype), device=device)
     res = {}
     for spec, text in texts.items():
         win = data.eval_windows(tok, text, args.seqlen, args.eval_windows, bos=args.bos)
@@ -519,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window")
     e.add_argument("--eval-windows", type=int, default=None, help="at most this many windows per text (default: all)")
     e.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
-    e.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
+    e.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help=DTYPE_HELP)
     e.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -580,7 +680,11 @@ def _run(args, debug: bool) -> int:
     with handle_signals():
         try:
             try:
-                rc = args.func(args)
+                if getattr(args, "quiet", False):
+                    with _QuietLibraries():
+                        rc = args.func(args)
+                else:
+                    rc = args.func(args)
             finally:
                 if distributed.active():
                     torch_dist = __import__("torch").distributed

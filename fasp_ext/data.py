@@ -34,21 +34,98 @@ __all__ = [
     "window_starts",
     "calibration_coverage",
     "undecodable_fraction",
+    "calibration_char_budget",
+    "eval_char_budget",
     "eval_windows",
     "perplexity",
 ]
 
 
-def _read_path(p: Path) -> str:
+#: characters read for each token a run needs: English BPE averages about 4.5 characters a token,
+#: so reading 8 a token leaves room for denser text
+CHARS_PER_TOKEN = 8
+#: calibration reads this many times the text its windows take, so that the random window
+#: positions spread over a stretch of text 4x longer than what they cover
+CALIB_MARGIN = 4
+#: evaluation without a window limit reads at most this many characters of a text (64 Mi)
+EVAL_MAX_CHARS = 64 << 20
+#: a file must look like text in its first this many bytes: no NUL byte, at most half undecodable
+SNIFF_BYTES = 1 << 20
+#: undecodable share (of the first SNIFF_BYTES) above which a file is refused as not text
+MAX_UNDECODABLE = 0.5
+
+
+def calibration_char_budget(nsamples: int, seqlen: int) -> int:
+    """Characters calibration reads at most from a text file: ``CALIB_MARGIN`` times the tokens its
+    windows take, at ``CHARS_PER_TOKEN`` characters a token, and at least 1 Mi characters
+    (128 x 2048 tokens: 8 Mi characters)."""
+    return max(1 << 20, CALIB_MARGIN * CHARS_PER_TOKEN * int(nsamples) * int(seqlen))
+
+
+def eval_char_budget(seqlen: int, max_windows: Optional[int]) -> int:
+    """Characters evaluation reads at most from a text file: twice ``CHARS_PER_TOKEN`` a token for
+    ``max_windows`` windows (at least 1 Mi), or ``EVAL_MAX_CHARS`` when every window is wanted."""
+    if max_windows is None:
+        return EVAL_MAX_CHARS
+    return max(1 << 20, 2 * CHARS_PER_TOKEN * int(max_windows) * int(seqlen))
+
+
+def _check_text_file(p: Path) -> None:
+    """Refuse, without reading past its first megabyte, a path that is not a regular file (a
+    character device such as /dev/zero, a FIFO, a socket) or a file that is not text."""
+    import codecs
+    import stat
+
+    mode = os.stat(p).st_mode  # stat does not open: a FIFO cannot block here
+    if not stat.S_ISREG(mode):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "not a regular file")
+        raise ValueError(f"{p} is {kind}, not a text file")
+    with open(p, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(f"{p} is not text: it has a NUL byte at offset {nul} (a binary file, or UTF-16: "
+                         f"give UTF-8 text)")
+    sample = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)
+    bad = undecodable_fraction(sample)
+    if bad > MAX_UNDECODABLE:
+        raise ValueError(f"{p} is not text: {bad:.0%} of its first {len(head):,} bytes are not UTF-8 or are "
+                         f"control characters")
+
+
+def _read_file(p: Path, max_chars: Optional[int], info: Optional[dict]) -> str:
+    """A text file's first ``max_chars`` characters (all of it for None), read as a stream."""
+    _check_text_file(p)
+    with open(p, "r", encoding="utf-8", errors="replace") as f:
+        if max_chars is None:
+            return f.read()
+        text = f.read(max_chars)
+        if f.read(1) and info is not None:
+            info["truncated"] = True
+        return text
+
+
+def _read_path(p: Path, max_chars: Optional[int] = None, info: Optional[dict] = None) -> str:
     if p.is_dir():
         files = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() == ".txt")
         if not files:
             raise FileNotFoundError(f"text directory {str(p)!r} contains no .txt files")
-        return "\n\n".join(q.read_text(encoding="utf-8", errors="replace") for q in files)
-    return p.read_text(encoding="utf-8", errors="replace")
+        parts, left = [], max_chars
+        for q in files:
+            if left is not None and left <= 0:
+                if info is not None:
+                    info["truncated"] = True
+                break
+            parts.append(_read_file(q, left, info))
+            if left is not None:
+                left -= len(parts[-1]) + 2
+        return "\n\n".join(parts)
+    return _read_file(p, max_chars, info)
 
 
-def load_text(spec: str, split: str = "eval") -> str:
+def load_text(spec: str, split: str = "eval", max_chars: Optional[int] = None, info: Optional[dict] = None) -> str:
     """Text for ``spec``:
 
     * a path to a ``.txt`` file, or a directory of ``.txt`` files (sorted, joined with "\\n\\n");
@@ -60,18 +137,35 @@ def load_text(spec: str, split: str = "eval") -> str:
       (``split="eval"``: wikitext2 test joined by "\\n\\n", ptb test, c4 validation shard 0 first
       1100 docs; ``split="calib"``: the train splits).  ``wikitext2:train`` etc. are also accepted.
       These need the network: offline they fail fast with a ``ConnectionError``.
+
+    Files are read as a stream: with ``max_chars`` at most that many characters of them (over all
+    the files a spec names; :func:`calibration_char_budget` and :func:`eval_char_budget` give what a
+    run needs), and ``info["truncated"]`` is set when something was left unread. A path that is not
+    a regular file (``/dev/zero``, a FIFO) or a file that is not text (a NUL byte, or more than half
+    undecodable, in its first megabyte) is refused with a ``ValueError`` before anything is read.
     """
+    if max_chars is not None and int(max_chars) < 1:
+        raise ValueError(f"max_chars must be >= 1 or None, got {max_chars}")
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"text spec must be a non-empty string, got {spec!r}")
     spec = spec.strip()
     p = Path(spec).expanduser()
     if p.exists():
-        return _read_path(p)
+        return _read_path(p, max_chars, info)
     if "," in spec:
         parts = [s.strip() for s in spec.split(",") if s.strip()]
         if not parts:
             raise ValueError(f"text spec {spec!r} lists nothing")
-        return "\n\n".join(load_text(s, split=split) for s in parts)
+        out, left = [], max_chars
+        for part in parts:
+            if left is not None and left <= 0:
+                if info is not None:
+                    info["truncated"] = True
+                break
+            out.append(load_text(part, split=split, max_chars=left, info=info))
+            if left is not None:
+                left -= len(out[-1]) + 2
+        return "\n\n".join(out)
     low = spec.lower()
     if low == "austen" or low.startswith("austen:"):
         book = spec.split(":", 1)[1].strip() if ":" in spec else "all"
@@ -230,7 +324,7 @@ def undecodable_fraction(text: str) -> float:
     characters other than whitespace: near 0 for prose, above one half for a binary file."""
     if not text:
         return 0.0
-    return len(_UNDECODABLE.findall(text)) / len(text)
+    return sum(1 for _ in _UNDECODABLE.finditer(text)) / len(text)  # no list of matches held
 
 
 def eval_windows(tokenizer, text, seqlen: int, max_windows: Optional[int] = None,

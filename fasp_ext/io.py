@@ -195,8 +195,11 @@ class Checkpoint:
         table = self.table
         missing = [k for k in expected if k not in table and k not in tied and not k.endswith("rotary_emb.inv_freq")]
         unexpected = [k for k in table if k not in expected]
-        wrong = [f"{k} {tuple(table[k][1]['shape'])} != {expected[k]}" for k in expected
-                 if k in table and tuple(table[k][1]["shape"]) != expected[k]]
+        wrong = [f"{k} is {list(table[k][1]['shape'])} in {table[k][0].name}, the config gives {list(expected[k])}"
+                 for k in expected if k in table and tuple(table[k][1]["shape"]) != expected[k]]
+        if wrong and not missing and not unexpected:  # one line: the first tensor and both shapes
+            more = f" (and {len(wrong) - 1} more tensors)" if len(wrong) > 1 else ""
+            raise UserError(f"{self.arg}: the weights in {self.path} do not match its config: {wrong[0]}{more}")
         if missing or unexpected or wrong:
             parts = [f"{what} {items[:5]}" for what, items in (("missing", missing), ("unexpected", unexpected),
                                                                 ("wrong shape", wrong)) if items]
@@ -245,7 +248,7 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     return model.to(dtype).to(device).eval()
 
 
-def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32, device="cpu"):
+def load_model_and_tokenizer(spec: str, dtype: torch.dtype | str = "auto", device="cpu"):
     """(model, tokenizer) for a fasp_ext output folder (rebuilt by load_pruned) or any model spec
     that :func:`fasp_ext.models.load_model` accepts (a local folder, 'smollm2')."""
     p = Path(spec).expanduser()
@@ -253,7 +256,8 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.float32, devi
     if cfg_file.is_file() and "fasp_ext" in read_config(p, "--model"):
         from transformers import AutoTokenizer
 
-        return load_pruned(p, dtype=dtype, device=device), AutoTokenizer.from_pretrained(p)
+        return (load_pruned(p, dtype=None if dtype == "auto" else dtype, device=device),
+                AutoTokenizer.from_pretrained(p))
     from . import models
 
     return models.load_model(spec, dtype=dtype, device=device)

@@ -233,10 +233,13 @@ class LazyBlocks(BlockMover):
 
 def prune_checkpoint(folder, out, calibration, config=None, dtype: torch.dtype | None = None,
                      overwrite: bool = False, report_extra: dict | None = None, max_shard_bytes: int = 2 << 30,
-                     protected=()):
+                     protected=(), evaluate=None):
     """Prune the checkpoint in ``folder`` block by block into ``out`` without ever holding more
     than one decoder block in memory; returns the pipeline's report (a dict, as written to
-    ``fasp_report.json``). ``calibration``: token windows (nsamples x seqlen), as for ``prune``."""
+    ``fasp_report.json``). ``calibration``: token windows (nsamples x seqlen), as for ``prune``.
+    ``dtype``: the dtype to prune and store in (default: the checkpoint's, by its safetensors headers).
+    ``evaluate(folder) -> dict``, when given, is called on the written result before it is published
+    (weights, config and tokenizer in place); what it returns goes into the report and model card."""
     from .pipeline import prune
 
     folder = Path(folder).expanduser()
@@ -262,7 +265,11 @@ def prune_checkpoint(folder, out, calibration, config=None, dtype: torch.dtype |
         result = dict(report_extra or {})
         result.update(report.to_dict())
         result.update({"lazy": True, "load_seconds": t_load, "save_seconds": time.perf_counter() - t1,
-                       "peak_blocks_in_memory": lazy.peak_materialised})
+                       "peak_blocks_in_memory": lazy.peak_materialised, "dtype": str(lazy.ck.dtype).split(".")[-1]})
+        if evaluate is not None:
+            t2 = time.perf_counter()
+            result.update(evaluate(tmp))
+            result["eval_seconds"] = time.perf_counter() - t2
         (tmp / "fasp_report.json").write_text(json.dumps(result, indent=2, default=str))
         from .card import write_model_card
 

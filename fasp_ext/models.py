@@ -149,6 +149,11 @@ def gemma3_path() -> str:
     return _convert(lambda: load_gemma3_gguf(torch.float32), dest)
 
 
+def is_embedded(spec: str) -> bool:
+    """Whether ``spec`` names an embedded model (``smollm2``, ``gemma3-270m``), without converting it."""
+    return str(spec).lower() in (*MODEL_ALIASES, *GEMMA3_ALIASES)
+
+
 def embedded_model_path(spec: str) -> str | None:
     """The cached folder of an embedded model named ``spec`` (converting it once), or None."""
     key = str(spec).lower()
@@ -225,9 +230,13 @@ def _looks_like_hub_id(s: str) -> bool:
     return len(parts) == 2 and all(parts) and not s.startswith((".", "~")) and not os.path.splitext(s)[1]
 
 
-def load_model(path_or_id: str = "smollm2", dtype: torch.dtype = torch.float32, device="cpu") -> Tuple[object, object]:
+def load_model(path_or_id: str = "smollm2", dtype: torch.dtype | str = "auto", device="cpu") -> Tuple[object, object]:
     """Load ``(model, tokenizer)`` from a local folder, or ``smollm2``/``default`` or ``gemma3-270m``
     (the embedded models). An unsupported family is refused from config.json before any weight is read.
+
+    ``dtype="auto"`` (the default) keeps the dtype the checkpoint stores (its config's ``dtype``, else
+    the safetensors headers; :func:`fasp_ext.safety.checkpoint_dtype`): a bf16 checkpoint stays bf16.
+    The embedded models are cached in float32.
 
     Hub ids are only resolved from the local Hugging Face cache (``local_files_only=True``):
     this project runs offline, so a model that is not already cached fails fast with a clear error.
@@ -253,6 +262,13 @@ def load_model(path_or_id: str = "smollm2", dtype: torch.dtype = torch.float32, 
         from .adapters import check_supported_config
 
         check_supported_config(folder)
+    if isinstance(dtype, str):
+        if dtype != "auto":
+            raise ValueError(f"dtype must be a torch.dtype or 'auto', got {dtype!r}")
+        if local and os.path.isfile(os.path.join(folder, "config.json")):
+            from .safety import checkpoint_dtype
+
+            dtype = getattr(torch, checkpoint_dtype(folder, arg="model"))
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)

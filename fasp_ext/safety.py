@@ -408,6 +408,34 @@ def check_model_folder(folder, arg: str = "--model") -> tuple[dict, int]:
     return cfg, params
 
 
+#: the dtypes a model is pruned in, by the names configs and safetensors headers give them
+_DTYPE_NAMES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
+                "half": "float16", "F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32",
+                "float64": "float32"}
+
+
+def checkpoint_dtype(folder, arg: str = "--model") -> str:
+    """The dtype a checkpoint folder keeps its weights in, as transformers' ``dtype="auto"`` reads
+    it: the config's ``dtype`` (or ``torch_dtype``; a multimodal model's ``text_config`` first), else
+    the most common floating dtype in the safetensors headers. float64 is pruned in float32.
+    Returns ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
+    folder = Path(folder)
+    cfg = read_config(folder, arg)
+    for c in (cfg.get("text_config"), cfg):
+        if isinstance(c, dict):
+            for key in ("dtype", "torch_dtype"):
+                v = c.get(key)
+                if isinstance(v, str) and v.replace("torch.", "") in _DTYPE_NAMES:
+                    return _DTYPE_NAMES[v.replace("torch.", "")]
+    counts: dict[str, int] = {}
+    for f in weight_files(folder, arg):
+        for t in safetensors_header(f, arg).values():
+            name = _DTYPE_NAMES.get(t.get("dtype"))
+            if name is not None:
+                counts[name] = counts.get(name, 0) + 1
+    return max(counts, key=counts.get) if counts else "float32"
+
+
 def check_device(device: str | None, arg: str = "--device") -> str:
     """The compute device, checked before anything is loaded."""
     import torch

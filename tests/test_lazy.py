@@ -76,7 +76,9 @@ def test_one_block_at_a_time_and_memory_independent_of_depth(tmp_path, layers):
     assert max(e[2] for e in spy.events) == one_block  # the same for 2 and 6 blocks
 
 
-def test_cli_lazy_prunes_reloads_and_refuses_eval(tmp_path, capsys):
+def test_cli_prunes_lazily_by_default_and_evaluates_the_written_result(tmp_path, capsys):
+    """The default for a local folder is block by block (report: lazy), bitwise what --no-lazy
+    writes; with --eval the perplexities before and after equal the in-memory run's."""
     from test_cli import WORDS, _tokenizer
 
     src = tmp_path / "model"
@@ -86,15 +88,25 @@ def test_cli_lazy_prunes_reloads_and_refuses_eval(tmp_path, capsys):
     (tmp_path / "c.txt").write_text(" ".join(f"w{i}" for i in torch.randint(0, WORDS, (2000,), generator=g).tolist()))
     args = ["prune", "--model", str(src), "--calib", str(tmp_path / "c.txt"), "--nsamples", "4", "--seqlen", "16",
             "--quiet", "--sparsity", "0.25"]
-    assert main(args + ["--out", str(tmp_path / "lazy"), "--lazy"]) == 0
-    assert main(args + ["--out", str(tmp_path / "mem")]) == 0
+    assert main(args + ["--out", str(tmp_path / "lazy")]) == 0
+    assert main(args + ["--out", str(tmp_path / "mem"), "--no-lazy"]) == 0
     _same_state(tmp_path / "lazy", tmp_path / "mem")
     rep = json.loads((tmp_path / "lazy" / "fasp_report.json").read_text())
     assert rep["lazy"] and rep["peak_blocks_in_memory"] == 1
+    assert not json.loads((tmp_path / "mem" / "fasp_report.json").read_text())["lazy"]
     assert (tmp_path / "lazy" / "tokenizer.json").is_file()
-    capsys.readouterr()
-    assert main(args + ["--out", str(tmp_path / "x"), "--lazy", "--eval", str(tmp_path / "c.txt")]) == 2
-    assert "--lazy" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    ev = ["--eval", str(tmp_path / "c.txt"), "--eval-windows", "8"]
+    assert main(args + ["--out", str(tmp_path / "lazy_ev")] + ev) == 0
+    assert main(args + ["--out", str(tmp_path / "mem_ev"), "--no-lazy"] + ev) == 0
+    _same_state(tmp_path / "lazy_ev", tmp_path / "mem")
+    a, b = (json.loads((tmp_path / d / "fasp_report.json").read_text()) for d in ("lazy_ev", "mem_ev"))
+    assert a["lazy"] and not b["lazy"]
+    for when in ("perplexity_before", "perplexity_after"):
+        assert set(a[when]) == {str(tmp_path / "c.txt")}
+        assert a[when] == pytest.approx(b[when], rel=1e-6)
+    assert a["perplexity_after"] != a["perplexity_before"]  # the pruned model was evaluated, not the dense one
+    assert a["eval_windows"] == b["eval_windows"] == {str(tmp_path / "c.txt"): 8}
+    assert "perplexity" in (tmp_path / "lazy_ev" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
