@@ -205,6 +205,23 @@ def test_pruned_deci_matches_load_pruned(tmp_path, pruned_dir, tok):
     assert rel(got, want) < 1e-3, rel(got, want)
 
 
+@needs_llama
+def test_added_biases_exported(tmp_path, tok):
+    """FLAP fits bias shifts into o_proj and down_proj: llama.cpp's optional bias tensors carry them."""
+    m = tiny_llama(tok)
+    g = torch.Generator().manual_seed(4)
+    prune(m, torch.randint(3, len(tok), (16, 64), generator=g), PruneConfig(method="flap", sparsity=0.3,
+                                                                              progress=False))
+    src = save_pruned(m, tmp_path / "flap", tok)
+    added = json.loads((src / "config.json").read_text())["fasp_ext"]["added_bias"]
+    assert any(a.endswith("o_proj") for a in added) and any(a.endswith("down_proj") for a in added), added
+    export_gguf(src, tmp_path / "flap.gguf", outtype="f32")
+    assert "blk.0.attn_output.bias" in read_kv(tmp_path / "flap.gguf")["_tensors"]
+    ids = ids_of(tok, 200)
+    got, want = llama_logits(tmp_path / "flap.gguf", ids), torch_logits(load_pruned(src), ids)
+    assert rel(got, want) < 1e-3, rel(got, want)
+
+
 def test_value_padding_is_exact(pruned_dir, tok):
     """The padded v_proj/o_proj run in transformers' stock attention to the pruned model's outputs."""
     import copy
@@ -222,9 +239,14 @@ def test_value_padding_is_exact(pruned_dir, tok):
             new = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
             new.weight.data.copy_(w)
             setattr(a, name, new)
-        a.__dict__.pop("forward", None)  # back to the stock LlamaAttention.forward (equal head sizes)
+        # back to the stock LlamaAttention and its forward (equal head sizes), however fasp_ext made it value-pruned
+        a.__class__ = getattr(type(a), "_fasp_base", type(a))
+        a.__dict__.pop("forward", None)
         a.__dict__.pop("v_head_dim", None)
-    assert all(layer.self_attn.v_proj.out_features == 2 * 16 for layer in padded.model.layers)
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    assert all(type(layer.self_attn) is LlamaAttention and "forward" not in layer.self_attn.__dict__
+               and layer.self_attn.v_proj.out_features == 2 * 16 for layer in padded.model.layers)
     ids = ids_of(tok, 120)
     assert rel(torch_logits(padded, ids), torch_logits(model, ids)) < 1e-6
     assert not (pruned_dir.parent / "never-written.gguf").exists()
