@@ -62,7 +62,13 @@ def explicit(row: dict, weighted: bool = False, nsamples: int | None = None) -> 
     if weighted and name == "fasp" and tw == "none" and "token_weighting" not in given:
         parts.append("token_weighting=none")
     label = name + (":" + ",".join(parts) if parts else "") + (" " + suffix if suffix else "")
-    return dict(row, allocation=rec, method=label)
+    out = dict(row, allocation=rec, method=label)
+    # the window count read here stays in the row, so merging a merged file again labels it the same
+    if "allocation_windows" not in row and rec in ALLOCATION_SAMPLES and nsamples:
+        windows = int(given["allocation_samples"]) if "allocation_samples" in given else used
+        if windows is not None:
+            out["allocation_windows"] = min(windows, nsamples) if windows else nsamples
+    return out
 
 
 def merge(parts: list[dict], sources: list[str]) -> dict:

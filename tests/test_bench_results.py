@@ -71,3 +71,25 @@ def test_merge_names_parts_relative_to_the_output_folder(tmp_path):
     (tmp_path / "screens").mkdir()
     assert mc.source_name(str(tmp_path / "screens" / "a.json"), str(tmp_path)) == "screens/a.json"
     assert mc.source_name(str(tmp_path / "a.json"), str(tmp_path / "screens")) == "a.json"
+
+
+def test_merging_a_merged_file_again_keeps_its_labels():
+    """explicit() keeps the window count it read in the row: a merged file merged again (run_all
+    re-runs, a later merge on top) says the same thing, instead of reading a relabelled 12-window
+    row as a legacy 16-window one."""
+    mc = _load("merge_compare")
+    from fasp_ext.pipeline import ALLOCATION_SAMPLES
+
+    base = {"model": "m", "calib": "c", "nsamples": 128, "seqlen": 8, "seed": 0, "evals": ["e"], "eval_windows": {"e": 2}}
+    n = ALLOCATION_SAMPLES["error-am"]
+    legacy = dict(base, rows=[{"method": "dense", "sparsity": 0.0, "e": 1.0},
+                              {"method": "fasp", "sparsity": 0.2, "allocation": "error-am", "e": 2.0}])
+    spelled = dict(base, rows=[{"method": f"fasp:allocation_samples={n}", "sparsity": 0.3, "allocation": "error-am",
+                                "e": 3.0}])
+    once = mc.merge([legacy, spelled], ["a.json", "b.json"])
+    labels = {(r["method"], r["sparsity"]) for r in once["rows"]}
+    assert (f"fasp:allocation_samples={mc.LEGACY_SAMPLES['error-am']}", 0.2) in labels  # the legacy row says so
+    assert ("fasp", 0.3) in labels  # today's default count needs no label
+    twice = mc.merge([once], ["merged.json"])
+    assert {(r["method"], r["sparsity"]) for r in twice["rows"]} == labels
+    assert twice["merged_from"] == ["a.json", "b.json"]
