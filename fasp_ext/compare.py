@@ -61,9 +61,12 @@ def compare(model_spec: str, methods: list[str], sparsities: list[float], calib:
         PruneConfig(sparsity=s).validate()
     data.bos_token(None, bos)  # a bad value fails before the model is loaded
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = models.load_model(model_spec, device="cpu")
-    tokens = data.calibration_windows(tok, data.load_text(calib, split="calib"), nsamples, seqlen, seed, bos=bos)
-    windows = {e: data.eval_windows(tok, data.load_text(e), seqlen, eval_windows, bos=bos) for e in evals}
+    calib_text = data.load_text(calib, split="calib", max_chars=data.calibration_char_budget(nsamples, seqlen))
+    eval_texts = {e: data.load_text(e, max_chars=data.eval_char_budget(seqlen, eval_windows)) for e in evals}
+    model, tok = models.load_model(model_spec, device="cpu")  # the checkpoint's own dtype
+    tokens = data.calibration_windows(tok, calib_text, nsamples, seqlen, seed, bos=bos)
+    windows = {e: data.eval_windows(tok, t, seqlen, eval_windows, bos=bos) for e, t in eval_texts.items()}
+    del calib_text, eval_texts
     rows = []
     dense = {"method": "dense", "sparsity": 0.0, "params": count_params(model), "prune_seconds": 0.0}
     for e, w in windows.items():

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export FASP_EXT_REQUIRE_COMPILED=1
-exec python -m pytest -q tests "$@"
+exec python -m pytest -q -rs tests "$@"  # -rs: every skip with its reason, so an unexpected one shows

@@ -265,19 +265,22 @@ def test_uniform_allocation_ignores_the_block_cap():
 
 @pytest.mark.parametrize("family", list(MAKERS))
 def test_obs_selection_runs_and_lowers_error(family):
+    """OBS removes the units whose removal raises the restored error least, greedily, where the
+    score ranks them one by one: with the same kept counts (uniform allocation), the model's error
+    on the calibration windows it was fitted to is lower. Measured: 0.78x (llama-gqa) and 0.83x (opt)
+    the score's; a selection that fell back to the score would give 1.0x."""
     toks = random_tokens(8, 24)
     errs = {}
     for sel in ("score", "obs"):
         m = MAKERS[family]()
-        rep = prune(m, toks, PruneConfig(sparsity=0.3, selection=sel, allocation="error", progress=False))
+        rep = prune(m, toks, PruneConfig(sparsity=0.3, selection=sel, allocation="uniform", progress=False))
         assert all(b["mlp_solver"]["path"] != "none" for b in rep.blocks)
         errs[sel] = m
-    ev = random_tokens(4, 24, seed=5)
     with torch.no_grad():
-        d = MAKERS[family]()(ev).logits
-        e_score = (errs["score"](ev).logits - d).pow(2).mean()
-        e_obs = (errs["obs"](ev).logits - d).pow(2).mean()
-    assert torch.isfinite(e_obs) and e_obs < 2 * e_score
+        d = MAKERS[family]()(toks).logits
+        e_score = (errs["score"](toks).logits - d).pow(2).mean()
+        e_obs = (errs["obs"](toks).logits - d).pow(2).mean()
+    assert torch.isfinite(e_obs) and e_obs < 0.9 * e_score
 
 
 @pytest.mark.parametrize("kw, msg", [

@@ -332,12 +332,31 @@ def test_hf_datasets_fail_fast_offline(monkeypatch):
     assert D.load_text("wikitext2:train") == "a b c"
 
 
-def test_hub_probe_is_bounded():
-    import time
+def test_hub_probe_is_bounded(monkeypatch):
+    """A connection (or DNS lookup) that never answers: the probe gives up and says unreachable.
+    Without the bound the call would block until the watchdog fails the test."""
+    import signal
+    import threading
 
-    t = time.time()
-    C._hub_reachable("10.255.255.1", 9, timeout=0.5)  # unroutable: must give up on time
-    assert time.time() - t < 3
+    release = threading.Event()
+
+    def hang(*a, **k):
+        release.wait()
+        raise OSError("released")
+
+    monkeypatch.setattr(C.socket, "create_connection", hang)
+
+    def ring(signum, frame):
+        raise AssertionError("the hub probe blocked")
+
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.alarm(30)
+    try:
+        assert C._hub_reachable("huggingface.co", 443, timeout=0.2) is False
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        release.set()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -957,3 +957,10 @@ def test_load_pruned_refuses_a_config_announcing_huge_widths(pruned_dir):
     (pruned_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="outside"):
         load_pruned(pruned_dir)
+
+
+def test_python_load_model_keeps_the_checkpoints_dtype(bf16_world):
+    from fasp_ext import models
+
+    assert models.load_model(str(bf16_world / "model"))[0].dtype == torch.bfloat16
+    assert models.load_model(str(bf16_world / "model"), dtype=torch.float32)[0].dtype == torch.float32

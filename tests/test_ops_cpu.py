@@ -490,7 +490,11 @@ def test_restore_fewer_tokens_than_columns(impl):
         assert path in ("cholesky+damping", "eigen")
         want, rep = ref.restore(W.float(), H.float(), kept, 0.0, use_fp64)
         assert path == ref.PATH_NAMES[int(rep[0])] and att == int(rep[2])
-        assert lam > 0
+        assert lam > 0 and lam == pytest.approx(float(rep[1]), rel=1e-6)
+        # H[S, S] is singular (10 tokens, 32 kept columns): the solve is ill-conditioned, so compare
+        # what it is fitted to, the layer's outputs on the calibration tokens, to the reference's
+        fit, fit_ref = X[:, kept] @ out.double().t(), X[:, kept] @ want.double().t()
+        torch.testing.assert_close(fit, fit_ref, rtol=1e-3, atol=1e-3 * float(fit_ref.abs().max()))
         # the restored layer fits the calibration data at least as well as plain selection
         err_sel = (X[:, kept] @ W[:, kept].t() - X @ W.t()).norm()
         err_res = (X[:, kept] @ out.double().t() - X @ W.t()).norm()
@@ -593,30 +597,52 @@ def test_restore_both_solve_sides_equal_formula_asymmetric_H(impl, out, use_fp64
     torch.testing.assert_close(got.double(), want, **tol)
 
 
-def test_restore_eigen_fallback_without_retries(impl):
-    X, W, H = problem(n_tok=10, m=48, seed=42)
-    kept = kept_of(48, 32)
-    out, path, lam, att = impl.restore(W.float(), H.float(), kept, 0.0, False, 0)
-    assert torch.isfinite(out).all()
-    want, rep = ref.restore(W.float(), H.float(), kept, 0.0, False, 0)
-    assert (path, att) == (ref.PATH_NAMES[int(rep[0])], int(rep[2]))
-    if path == "eigen":
-        assert att == 2
-    torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
-
-
-def test_restore_negative_definite_goes_to_eigen(impl):
-    # H = -I (not a Gram matrix, but finite): mean diag < 0 -> trivial; use an indefinite H instead
-    m = 12
+def _indefinite_problem(m: int = 12, seed: int = 43):
+    """An H whose kept block is indefinite (eigenvalues 1 +- 10) with a positive mean diagonal, so
+    the op neither skips it (mean diag <= 0) nor gets a Cholesky factor at any small damping."""
     H = torch.eye(m)
-    H[0, 0] = -50.0
-    W = torch.randn(3, m, generator=gen(43))
-    kept = torch.arange(0, m, 2)
+    H[0, 2] = H[2, 0] = 10.0  # both kept (even indices): H[S, S] has the eigenvalue -9
+    H[1, 0] = H[0, 1] = 0.5   # a removed column correlated with a kept one: the update is not zero
+    W = torch.randn(3, m, generator=gen(seed))
+    return W, H, torch.arange(0, m, 2)
+
+
+def _eigen_restore_fp64(W, H, kept, lam):
+    """W[:, S] + W[:, R] H[R, S] pinv(H[S, S] + lam I), eigenvalues below k * eps(fp32) * max|ev| dropped,
+    computed here with torch.linalg in fp64 (independent of the op and of reference.py)."""
+    m = H.shape[0]
+    removed = torch.tensor([j for j in range(m) if j not in set(kept.tolist())])
+    Hd, Wd = H.double(), W.double()
+    A = Hd[kept][:, kept] + lam * torch.eye(len(kept), dtype=torch.float64)
+    ev, V = torch.linalg.eigh(A)
+    floor = ev.abs().max() * len(kept) * torch.finfo(torch.float32).eps
+    inv = torch.where(ev > floor, 1.0 / ev.clamp_min(floor), torch.zeros_like(ev))
+    return Wd[:, kept] + Wd[:, removed] @ Hd[removed][:, kept] @ (V * inv) @ V.t()
+
+
+def test_restore_eigen_fallback_without_retries(impl):
+    """max_retries=0: one Cholesky attempt at lambda = damp * mean diag, then the eigen fallback."""
+    W, H, kept = _indefinite_problem()
+    out, path, lam, att = impl.restore(W, H, kept, 0.01, False, 0)
+    assert (path, att) == ("eigen", 2)
+    assert lam == pytest.approx(0.01 * 1.0 * 10)  # the lambda after the failed attempt
+    want, rep = ref.restore(W, H, kept, 0.01, False, 0)
+    assert (path, att) == (ref.PATH_NAMES[int(rep[0])], int(rep[2]))
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(out.double(), _eigen_restore_fp64(W, H, kept, lam), rtol=1e-4, atol=1e-5)
+
+
+def test_restore_indefinite_H_goes_to_eigen_after_the_retries(impl):
+    W, H, kept = _indefinite_problem()
     out, path, lam, att = impl.restore(W, H, kept, 0.0, False, 2)
+    assert (path, att) == ("eigen", 4)  # lambda 0, 1e-6, 1e-5 fail (eigenvalue -9), then eigen at 1e-4
+    assert lam == pytest.approx(1e-4)
     want, rep = ref.restore(W, H, kept, 0.0, False, 2)
     assert (path, att) == (ref.PATH_NAMES[int(rep[0])], int(rep[2]))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, want)
+    torch.testing.assert_close(out.double(), _eigen_restore_fp64(W, H, kept, lam), rtol=1e-4, atol=1e-5)
+    assert not torch.equal(out, W[:, kept])  # the removed column's share moved into the kept ones
 
 
 def test_restore_deterministic(impl):
