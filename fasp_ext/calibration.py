@@ -93,10 +93,26 @@ class _ArgRecorder(nn.Module):
         return h
 
 
-def _move(model: nn.Module, device) -> None:
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head (no pass of the pruning runs it), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) and head is not model else None
+
+
+def _move(model: nn.Module, device, skip: nn.Module | None = None) -> None:
     """``model.to(device)`` leaving meta tensors where they are (lazy loading keeps the blocks and
-    the output head there until they are needed)."""
-    model._apply(lambda t: t if t.is_meta else t.to(device))
+    the output head there until they are needed), and ``skip``'s own tensors too (a head tied to the
+    input embeddings moves with them, as they share the tensor)."""
+    fn = lambda t: t if t.is_meta else t.to(device)  # noqa: E731
+    if skip is None:
+        model._apply(fn)
+        return
+    skip._apply = lambda *args, **kwargs: skip  # this module's tensors stay where they are
+    try:
+        model._apply(fn)
+    finally:
+        del skip._apply
 
 
 @torch.no_grad()
@@ -131,17 +147,19 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.
             raise _Stop
 
     orig_device = next(model.parameters()).device
+    head = output_head(model)  # never runs here: it stays where it is
     for i, b in enumerate(saved):
         blocks[i] = _ArgRecorder(b, i, sink)
     try:
-        _move(model, device)
+        _move(model, device, skip=head)
+        tokens = tokens.to(device)  # one copy, then a view per batch
         for i in range(0, tokens.shape[0], batch_size):
             try:
-                model(input_ids=tokens[i:i + batch_size].to(device), use_cache=False)
+                model(input_ids=tokens[i:i + batch_size], use_cache=False)
             except _Stop:
                 pass
     finally:
-        _move(model, orig_device)  # before the blocks are back
+        _move(model, orig_device, skip=head)  # before the blocks are back
         for i, b in enumerate(saved):
             blocks[i] = b
     if len(set(seen)) != 1 or seen[0] != len(hidden):
@@ -496,3 +514,60 @@ class BlockMover:
 
     def captured(self, model: nn.Module) -> None:
         """Called once the block inputs are captured: nothing outside the blocks runs again."""
+
+
+class ResidentMover(BlockMover):
+    """The model (less its output head, which no pass runs) moved to the compute device once for the
+    whole run (``load``) and home once at the end (``unload``): blocks stay where they are between
+    passes. Chosen on a GPU when the model fits (``pipeline.plan_placement``)."""
+
+    def __init__(self, home: torch.device, device: torch.device):
+        super().__init__(home)
+        self.device = device
+
+    def load(self, model: nn.Module) -> None:
+        _move(model, self.device, skip=output_head(model))
+
+    def unload(self, model: nn.Module) -> None:
+        _move(model, self.home, skip=output_head(model))
+
+    def fetch(self, blocks: nn.ModuleList, i: int, device: torch.device) -> nn.Module:
+        return blocks[i]
+
+    def release(self, blocks: nn.ModuleList, i: int, block: nn.Module, final: bool) -> None:
+        pass
+
+
+class PrefetchMover(BlockMover):
+    """A model too large for the GPU: each block comes from pinned host memory, and the next block is
+    copied on a side stream while the current one runs (``pipeline.plan_placement``)."""
+
+    def __init__(self, home: torch.device, device: torch.device):
+        super().__init__(home)
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.ready: dict[int, object] = {}  # block -> event of its copy on the side stream
+
+    def _start(self, blocks: nn.ModuleList, i: int) -> None:
+        if i >= len(blocks) or i in self.ready:
+            return
+        dev = self.device
+
+        def copy(t):
+            if t.is_meta or t.device == dev:
+                return t
+            return (t if t.is_pinned() else t.pin_memory()).to(dev, non_blocking=True)
+
+        with torch.cuda.stream(self.stream):
+            blocks[i]._apply(copy)
+            self.ready[i] = self.stream.record_event()
+
+    def fetch(self, blocks: nn.ModuleList, i: int, device: torch.device) -> nn.Module:
+        self._start(blocks, i)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(self.ready.pop(i))
+        for t in itertools.chain(blocks[i].parameters(), blocks[i].buffers()):
+            if t.device == self.device:  # made on the side stream, used (and freed) on this one
+                t.record_stream(current)
+        self._start(blocks, i + 1)
+        return blocks[i]

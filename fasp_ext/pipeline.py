@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -130,8 +132,10 @@ class PruneConfig:
     #: memory for what saves a pass, up to this many bytes each: the output projections' inputs
     #: (sequential mode: the attention is replayed and block outputs computed from the stored down
     #: projection inputs instead of running the block again)
-    #: and, in one-pass mode with a non-uniform allocation, every block's statistics
-    store_budget_bytes: int = 2 << 30
+    #: and, in one-pass mode with a non-uniform allocation, every block's statistics. None: 2 GiB on
+    #: a CPU; on a GPU a third of the device memory left free by the model and the calibration
+    #: activations (``plan_placement``)
+    store_budget_bytes: int | None = None
     #: keep the calibration hidden states (and the correction's stored inputs) in host memory, pinned
     #: on a GPU, and bring one batch at a time to the compute device (docs/memory.md)
     offload_activations: bool = False
@@ -582,6 +586,91 @@ def _check_token_range(tokens: torch.Tensor, model: nn.Module) -> None:
                          f"got ids from {lo} to {hi}")
 
 
+#: the store budget on a CPU when ``PruneConfig.store_budget_bytes`` is None
+STORE_BUDGET_CPU = 2 << 30
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the model lives during a run (``plan_placement``)."""
+
+    #: the model (less its output head) moves to the device once, and home once at the end
+    resident: bool = False
+    #: blocks come one at a time from pinned host memory, the next one copied on a side stream
+    prefetch: bool = False
+    #: what ``PruneConfig.store_budget_bytes`` stands for in this run
+    store_budget_bytes: int = STORE_BUDGET_CPU
+
+
+def plan_placement(block_bytes: list[int], other_bytes: int, work_bytes: int, free_bytes: int | None,
+                   store_budget_bytes: int | None = None, moves: bool = True, headroom: float = 0.9) -> Placement:
+    """Where the model lives during a run, from sizes alone.
+
+    ``block_bytes``: each decoder block's parameters and buffers; ``other_bytes``: the rest a pass
+    runs (embeddings, final norm; not an output head, which no pass runs); ``work_bytes``: what the
+    run keeps on the device besides (calibration activations, Gram matrices); ``free_bytes``: the
+    device's free memory (``torch.cuda.mem_get_info``; None: a CPU run); ``moves``: whether the model
+    lives elsewhere than the compute device and may be placed (the in-memory mover). Of the free
+    memory ``headroom`` is counted on. The model is resident when it fits with the work; otherwise its
+    blocks are prefetched (two on the device at a time). An unset store budget is a third of what is
+    left (three stores at most: both projections' inputs, the one-pass statistics)."""
+    if free_bytes is None:
+        return Placement(store_budget_bytes=STORE_BUDGET_CPU if store_budget_bytes is None else store_budget_bytes)
+    usable = int(free_bytes * headroom)
+    model = sum(block_bytes) + other_bytes
+    resident = moves and model + work_bytes <= usable
+    prefetch = moves and not resident
+    held = model if resident else (other_bytes + 2 * max(block_bytes, default=0) if moves else 0)
+    left = max(usable - held - work_bytes, 0)
+    budget = left // 3 if store_budget_bytes is None else store_budget_bytes
+    return Placement(resident, prefetch, int(budget))
+
+
+def _tensor_bytes(module: nn.Module, seen: set | None = None) -> int:
+    """Bytes of ``module``'s parameters and buffers (each tensor once; meta tensors count too)."""
+    seen = set() if seen is None else seen
+    total = 0
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _placement(model: nn.Module, calibration, cfg: PruneConfig, device: torch.device, movable: bool) -> Placement:
+    """``plan_placement`` for this run; ``movable``: the in-memory mover (not lazy loading).
+    ``FASP_EXT_PLACEMENT`` (resident, prefetch, blocks) forces the choice (bench/gpu_check.sh)."""
+    if device.type != "cuda":
+        return plan_placement([], 0, 0, None, cfg.store_budget_bytes)
+    from .calibration import output_head
+
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    seen: set = set()
+    block_bytes = [_tensor_bytes(b, seen) for b in blocks]
+    head = output_head(model)
+    head_ids = {id(t) for t in head.parameters()} - {id(t) for b in blocks for t in b.parameters()} if head else set()
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:  # a head tied to the embeddings is the embeddings
+        head_ids -= {id(t) for t in emb.parameters()}
+    seen |= head_ids
+    other = _tensor_bytes(model, seen)
+    tokens = _as_tokens(calibration)
+    p = next(model.parameters())
+    width = getattr(emb, "embedding_dim", 0) or 0
+    mlp = adapter.mlp_width(blocks[0]) if len(blocks) else 0
+    # the hidden states in and out of a block, the stored inputs aside, and a few Gram-sized matrices
+    work = 3 * tokens.numel() * width * p.element_size() + 8 * 4 * mlp * mlp
+    home = p.device
+    free = torch.cuda.mem_get_info(device)[0]
+    plan = plan_placement(block_bytes, other, work, free, cfg.store_budget_bytes,
+                          moves=movable and home.type == "cpu" and not p.is_meta)
+    force = os.environ.get("FASP_EXT_PLACEMENT", "")
+    if force and plan.resident + plan.prefetch:  # only where the model may be placed at all
+        plan = Placement(force == "resident", force == "prefetch", plan.store_budget_bytes)
+    return plan
+
+
 def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
           mover: BlockMover | None = None) -> PruneReport:
     """Prune ``model`` in place by FASP on ``calibration`` tokens (nsamples x seqlen); return a report.
@@ -589,9 +678,33 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
     Usable from any toolkit: no CLI, no global state. The model keeps its dtype; one block at a
     time runs on ``config.device``. ``mover`` brings each block to the device and back (default: in
     memory; fasp_ext/lazy.py loads blocks from a checkpoint at their turn and writes them when done).
+    On a GPU the in-memory model is moved there once when it fits, or block by block from pinned
+    memory with the next block copied ahead (``plan_placement``; docs/gpu.md).
     """
     cfg = config or PruneConfig()
     cfg.validate()
+    device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
+    place = _placement(model, calibration, cfg, device, movable=mover is None)
+    home = next(model.parameters()).device
+    if place.resident:
+        from .calibration import ResidentMover
+
+        mover = ResidentMover(home, device)
+        mover.load(model)
+    elif place.prefetch:
+        from .calibration import PrefetchMover
+
+        mover = PrefetchMover(home, device)
+    try:
+        return _prune(model, calibration, cfg, mover, place.store_budget_bytes)
+    finally:
+        if place.resident:
+            mover.unload(model)
+
+
+def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | None,
+           store_budget: int) -> PruneReport:
+    """``prune`` with the mover and the store budget decided."""
     adapter = adapter_for(model)
     tokens = _as_tokens(calibration)
     _check_token_range(tokens, model)
@@ -627,7 +740,7 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
     # one-pass mode: the allocation's statistics come from the one dense pass itself when every
     # block's statistics fit the store budget (kept until the allocation is decided)
     fold = allocate and cfg.one_pass and _one_pass_stats_bytes(adapter, blocks[0], cfg) * len(blocks) <= \
-        cfg.store_budget_bytes
+        store_budget
     if allocate and not fold:
         n_alloc = cfg.allocation_windows or all_tokens.shape[0]
         n_tok = int(cfg.allocation_seqlen) or all_tokens.shape[1]
@@ -659,12 +772,12 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
     val_every = int(cfg.val_every) if cfg.damp == "auto" else 0
     elsize = next(model.parameters()).element_size()
     z_bytes = tokens.numel() * adapter.mlp_width(blocks[0]) * elsize
-    can_correct = adapter.mlp_is_residual_branch and z_bytes <= cfg.store_budget_bytes and adapter.is_pre_norm(mcfg) \
+    can_correct = adapter.mlp_is_residual_branch and z_bytes <= store_budget and adapter.is_pre_norm(mcfg) \
         and adapter.mlp_norm(blocks[0]) is not None
     # the attention's output-projection inputs, kept so the MLP pass replays the pruned attention
     # instead of recomputing it (exact: calibration.replay_attention); within the same budget
     zo_bytes = tokens.numel() * adapter.value_pair(blocks[0])[1].in_features * elsize
-    can_replay = prune_attn and zo_bytes + (z_bytes if can_correct else 0) <= cfg.store_budget_bytes
+    can_replay = prune_attn and zo_bytes + (z_bytes if can_correct else 0) <= store_budget
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover

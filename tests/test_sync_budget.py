@@ -273,3 +273,81 @@ def test_table_matches_ops_host_syncs():
     for op, n in per_op.items():
         assert ops.HOST_SYNCS[f"fasp_ext::{op}"] == n, op
     assert ops.HOST_SYNCS["fasp_ext::accumulate_stats_deferred"] == 0
+
+
+# ----------------------------------------------------------------------------- placement (item 3)
+GB = 1 << 30
+
+
+def test_plan_placement_cpu_keeps_its_budget():
+    assert pipeline.plan_placement([GB] * 4, GB, GB, None) == pipeline.Placement(False, False, 2 << 30)
+    assert pipeline.plan_placement([GB], 0, 0, None, store_budget_bytes=123).store_budget_bytes == 123
+
+
+def test_plan_placement_resident_when_it_fits():
+    # 30 blocks of 0.5 GiB + 1 GiB of embeddings + 4 GiB of work on 80 GiB: resident; budget from the rest
+    p = pipeline.plan_placement([GB // 2] * 30, GB, 4 * GB, 80 * GB)
+    assert p.resident and not p.prefetch
+    assert p.store_budget_bytes == (int(80 * GB * 0.9) - 16 * GB - 4 * GB) // 3
+    # the same model on 20 GiB does not fit (16 + 4 > 18): prefetched, two blocks on the device
+    p = pipeline.plan_placement([GB // 2] * 30, GB, 4 * GB, 20 * GB)
+    assert p.prefetch and not p.resident
+    assert p.store_budget_bytes == (int(20 * GB * 0.9) - GB - GB - 4 * GB) // 3
+    # exactly at the edge fits
+    assert pipeline.plan_placement([10], 0, 8, 20).resident
+    assert not pipeline.plan_placement([11], 0, 8, 20).resident
+
+
+def test_plan_placement_model_already_there_or_lazy():
+    """moves=False (the model already on the device, or loaded lazily): nothing is placed, the budget
+    still comes from the free memory, none of it held for the model (it is out of the free memory)."""
+    p = pipeline.plan_placement([GB] * 4, GB, 2 * GB, 10 * GB, moves=False)
+    assert not p.resident and not p.prefetch
+    assert p.store_budget_bytes == (int(10 * GB * 0.9) - 2 * GB) // 3
+    # an explicit budget is kept; nothing left is a budget of 0, never negative
+    assert pipeline.plan_placement([GB], 0, 0, GB, store_budget_bytes=7, moves=False).store_budget_bytes == 7
+    assert pipeline.plan_placement([GB], 0, 50 * GB, GB, moves=False).store_budget_bytes == 0
+
+
+def test_capture_leaves_the_output_head_where_it_is():
+    """_move (capture, ResidentMover) moves everything but the output head; a head tied to the
+    embeddings moves with them. (A dtype stands in for a device: Tensor.to takes either.)"""
+    from fasp_ext.calibration import ResidentMover, _move, output_head
+
+    model = tiny_family("llama")  # untied head
+    head = output_head(model)
+    assert head is model.lm_head
+    _move(model, torch.float64, skip=head)
+    assert model.lm_head.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float64 for n, p in model.named_parameters() if not n.startswith("lm_head"))
+    assert "_apply" not in model.lm_head.__dict__  # the stand-in is gone
+    tied = tiny_family("llama")
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    mover = ResidentMover(torch.float32, torch.float64)
+    mover.load(tied)
+    assert tied.lm_head.weight.dtype == torch.float64 and tied.lm_head.weight is tied.model.embed_tokens.weight
+    blocks = tied.model.layers
+    assert mover.fetch(blocks, 1, None) is blocks[1]
+    mover.release(blocks, 1, blocks[1], final=True)
+    assert blocks[1].mlp.down_proj.weight.dtype == torch.float64  # stays until unload
+    mover.unload(tied)
+    assert all(p.dtype == torch.float32 for p in tied.parameters())
+
+
+def test_capture_copies_the_tokens_once(monkeypatch):
+    """The calibration tokens go to the device in one copy, not one per batch."""
+    from fasp_ext import calibration
+
+    calls = []
+    orig = torch.Tensor.to
+    tokens = random_tokens(6, 16)
+
+    def to(self, *a, **k):
+        if self is tokens or self._base is tokens:
+            calls.append(tuple(self.shape))
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    model = tiny_family("llama")
+    calibration.capture_block_inputs(model, model.model.layers, tokens, 2, torch.device("cpu"))
+    assert calls == [(6, 16)]
