@@ -157,6 +157,10 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration hidden states in host memory (pinned) and move one batch at a time "
                         "to --device: GPU memory then holds one block and one batch")
+    p.add_argument("--gram-precision", default=None, choices=["fp32", "tf32", "bf16"],
+                   help="what the statistics' Gram updates multiply for fp32 activations, always summed in fp32: "
+                        "fp32, tf32 (tensor-core products) or bf16 (inputs rounded to bfloat16); default: fp32 "
+                        "on a CPU (where the others are emulated), the GPU default of docs/gpu.md on a GPU")
     if not demo:
         p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
                        help="read each decoder block from the checkpoint at its turn and write it when pruned: "
@@ -183,6 +187,7 @@ def _config_from(args):
                       allocation=args.allocation, max_block_sparsity=args.max_block_sparsity, target=args.target,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
                       offload_activations=args.offload_activations, token_weighting=args.token_weighting,
+                      gram_precision=args.gram_precision,
                       allocation_samples=args.allocation_samples, allocation_replan=args.allocation_replan)
     if args.damp is not None:
         cfg.damp = _parse_damp(args.damp)
