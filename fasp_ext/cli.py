@@ -285,6 +285,10 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
         device = distributed.device_for(device)
         cfg.progress = cfg.progress and distributed.rank() == 0
     cfg.device = device
+    # texts before the model: a typo, a device or a binary file fails in a second, before transformers'
+    # modelling code is imported; files are read only as far as the run needs
+    calib_text = _read_text("calib", calib, data.calibration_char_budget(args.nsamples, args.seqlen), split="calib")
+    eval_texts = {e: _read_text("eval", e, data.eval_char_budget(args.seqlen, args.eval_windows)) for e in evals}
     folder = _local_model_folder(model_spec)
     lazy = getattr(args, "lazy", False)
     if lazy and evals and distributed.active():
@@ -313,9 +317,6 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
         nbytes = n_params * _dtype(args.dtype_name).itemsize
         most = max(cfg.mlp_fraction, cfg.attn_fraction)
         check_free_space(outp, need_min=int(nbytes * (1.0 - most)), need_max=nbytes + (64 << 20))
-    # texts before weights: a typo fails in a second; files are read as far as the run needs
-    calib_text = _read_text("calib", calib, data.calibration_char_budget(args.nsamples, args.seqlen), split="calib")
-    eval_texts = {e: _read_text("eval", e, data.eval_char_budget(args.seqlen, args.eval_windows)) for e in evals}
     if lazy:
         return _run_prune_lazy(args, cfg, model_spec, folder, calib, calib_text, eval_texts, outp, protected)
     t0 = time.perf_counter()

@@ -852,7 +852,7 @@ def test_a_config_that_disagrees_with_the_weights_fails_in_one_line_first(world,
     cfg["intermediate_size"] += 64
     (world / "model" / "config.json").write_text(json.dumps(cfg))
     monkeypatch.setattr("fasp_ext.models.load_model", _must_not_load)
-    monkeypatch.setattr("fasp_ext.data.load_text", _must_not_load)  # before the texts are read
+    monkeypatch.setattr("fasp_ext.data.tokenize_text", _must_not_load)  # before anything is tokenised
     args = prune_args(world, world / "o") if cmd == "prune" else \
         ["eval", "--model", str(world / "model"), "--data", str(world / "texts" / "eval.txt")]
     rc, _, err = run_cli(world, args, capsys)

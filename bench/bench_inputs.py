@@ -1,0 +1,165 @@
+"""Peak memory and time of `fasp-ext prune` on hostile and huge inputs, and of block-by-block loading.
+
+Each case runs the command line in its own process and reads that process's peak RSS from the
+kernel (``os.wait4``'s rusage). Cases:
+
+* ``dev-zero``: ``--calib /dev/zero``; ``binary``: ``--calib`` on a 512 MiB binary file;
+  ``fifo``: ``--eval`` on a FIFO -- each must be one line, exit 2, in seconds;
+* ``text-5mb`` / ``text-5gb``: calibration (128 x 2048 tokens, the default) on a 5 MB and on a
+  5 GB text file, with a tiny model so the text is what the memory is about;
+* ``lazy`` / ``in-memory``: a random LLaMA checkpoint of about 4 GB (fp32) pruned block by block
+  (the default) and with ``--no-lazy``, peak RSS against the checkpoint's size.
+
+    python bench/bench_inputs.py [--work /tmp/fasp_inputs] [--cases ...] [--out bench/results/inputs_cpu.md]
+
+The 5 GB text and the 4 GB checkpoint are written under ``--work`` and removed afterwards (about
+9 GB of disk while it runs). Timings here are wall seconds of one run each: they show "seconds, not
+minutes", not a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CASES = ("dev-zero", "binary", "fifo", "text-5mb", "text-5gb", "lazy", "in-memory")
+
+
+def run(cmd: list[str]) -> dict:
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(p.pid, 0)
+    out, err = p.stdout.read(), p.stderr.read()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return {"rc": p.returncode, "seconds": time.perf_counter() - t0, "peak_rss_gb": usage.ru_maxrss / 2**20,
+            "stderr_lines": [ln for ln in err.splitlines() if ln.strip()][-3:], "stdout_tail": out.splitlines()[-3:]}
+
+
+def tiny_model(folder: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    if (folder / "config.json").is_file():
+        return folder
+    words = [f"w{i}" for i in range(500)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", *words])}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=501, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+def words_file(path: Path, nbytes: int) -> Path:
+    import random
+
+    rng = random.Random(0)
+    block = (" ".join(f"w{rng.randrange(500)}" for _ in range(200_000)) + "\n").encode()
+    with open(path, "wb") as f:
+        written = 0
+        while written < nbytes:
+            f.write(block[: nbytes - written])
+            written += len(block[: nbytes - written])
+    return path
+
+
+def big_checkpoint(folder: Path) -> Path:
+    """A random LLaMA of about 1.0e9 parameters (4 GB in fp32): 60 blocks of hidden 1024, MLP 4096."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return folder
+    src = tiny_model(folder.parent / "tiny")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=501, hidden_size=1024, intermediate_size=4096, num_hidden_layers=60,
+                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096)
+    LlamaForCausalLM(cfg).save_pretrained(folder, max_shard_size="1GB")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / f).is_file():
+            shutil.copy(src / f, folder / f)
+    return folder
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/fasp_inputs", help="scratch folder (about 9 GB while running)")
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    ap.add_argument("--out", default="bench/results/inputs_cpu.md")
+    ap.add_argument("--big-nsamples", type=int, default=4, help="calibration windows of the 4 GB cases")
+    ap.add_argument("--big-seqlen", type=int, default=256, help="tokens per window of the 4 GB cases")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "fasp_ext", "prune", "--quiet"]
+    tiny = tiny_model(work / "tiny")
+    rows = {}
+    for case in args.cases:
+        out = work / f"out-{case}"
+        shutil.rmtree(out, ignore_errors=True)
+        base = cli + ["--model", str(tiny), "--out", str(out)]
+        extra = []
+        if case == "dev-zero":
+            cmd = base + ["--calib", "/dev/zero"]
+        elif case == "binary":
+            b = work / "binary.bin"
+            with open(b, "wb") as f:
+                for _ in range(512):
+                    f.write(os.urandom(1 << 20))
+            cmd = base + ["--calib", str(b)]
+            extra.append(b)
+        elif case == "fifo":
+            fifo = work / "pipe.txt"
+            fifo.unlink(missing_ok=True)
+            os.mkfifo(fifo)
+            cmd = base + ["--calib", str(words_file(work / "small.txt", 200_000)), "--eval", str(fifo)]
+            extra.append(fifo)
+        elif case in ("text-5mb", "text-5gb"):
+            size = 5 * 10**6 if case == "text-5mb" else 5 * 10**9
+            t = words_file(work / f"{case}.txt", size)
+            cmd = base + ["--calib", str(t), "--nsamples", "128", "--seqlen", "2048"]
+            extra.append(t)
+        else:
+            big = big_checkpoint(work / "big")
+            cmd = cli + ["--model", str(big), "--out", str(out), "--calib", str(words_file(work / "small.txt", 200_000)),
+                         "--nsamples", str(args.big_nsamples), "--seqlen", str(args.big_seqlen)]
+            if case == "in-memory":
+                cmd.append("--no-lazy")
+        print(f"[bench_inputs] {case}: {' '.join(cmd[2:])}", flush=True)
+        r = run(cmd)
+        if case in ("lazy", "in-memory"):
+            r["checkpoint_gb"] = sum(f.stat().st_size for f in (work / "big").glob("*.safetensors")) / 2**30
+            r["rss_over_size"] = r["peak_rss_gb"] / r["checkpoint_gb"]
+        rows[case] = r
+        print(json.dumps(r), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        for p in extra:
+            p.unlink(missing_ok=True)
+    shutil.rmtree(work / "big", ignore_errors=True)
+    lines = ["# Hostile and huge inputs, block-by-block loading: peak memory (bench/bench_inputs.py)", "",
+             f"`python bench/bench_inputs.py --cases {' '.join(args.cases)}`; one run each; peak RSS of the "
+             f"`fasp-ext prune` process from the kernel (rusage).", "",
+             "| case | exit | seconds | peak RSS (GB) | note |", "| --- | --- | --- | --- | --- |"]
+    for case, r in rows.items():
+        note = " / ".join(r["stderr_lines"])[:160].replace("|", "\\|")
+        if "rss_over_size" in r:
+            note = f"checkpoint {r['checkpoint_gb']:.2f} GB, RSS {r['rss_over_size']:.2f}x its size"
+        lines.append(f"| {case} | {r['rc']} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | {note} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
