@@ -151,10 +151,41 @@ def _build(config, dtype, meta, adapter, n_check: Path | None = None):
     return model
 
 
+def _compressor(raw: dict, where: Path, arg: str):
+    """compressed-tensors' ``ModelCompressor`` for a folder whose config.json holds a compressed-tensors
+    ``quantization_config`` (llm-compressor's output), None for a folder without one; a clear error for
+    any other quantisation method, or when compressed-tensors is not installed."""
+    q = raw.get("quantization_config")
+    if q is None:
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if method != "compressed-tensors":
+        raise UserError(f"{arg}: {where / 'config.json'} declares quantization method {method!r}; fasp_ext reads "
+                        "unquantised folders and compressed-tensors ones (llm-compressor's)")
+    import importlib.util
+
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise UserError(f"{arg}: {where} is quantised in compressed-tensors' format ({q.get('format')}); reading it "
+                        "needs compressed-tensors: pip install compressed-tensors")
+    from compressed_tensors.compressors import ModelCompressor
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    try:
+        compressor = ModelCompressor.from_compression_config(CompressedTensorsConfig.from_dict(q))
+    except (ValueError, TypeError) as e:  # pydantic's ValidationError is a ValueError
+        msg = " ".join(str(e).split())[:300]
+        raise UserError(f"{arg}: {where / 'config.json'}: quantization_config cannot be read by compressed-tensors "
+                        f"({msg})") from None
+    return compressor if compressor.quantization_config is not None else None  # no scheme: nothing quantised
+
+
 class Checkpoint:
     """A safetensors checkpoint folder, checked without allocating a weight: its config, the tensor
     table of exactly the files it declares, and a meta-device skeleton (per-block sizes rebuilt from
-    the ``fasp_ext`` section) whose every tensor matches the table in name and shape."""
+    the ``fasp_ext`` section) whose every tensor matches the table in name and shape. A folder
+    quantised by llm-compressor (a compressed-tensors ``quantization_config``) is checked in the
+    layout it is stored in: the skeleton carries the quantisation and is compressed as
+    compressed-tensors compresses it, so ``weight_packed``/``weight_scale``/... are the expected names."""
 
     def __init__(self, path, dtype: torch.dtype | None = None, arg: str = "path"):
         from transformers import AutoConfig
@@ -175,6 +206,7 @@ class Checkpoint:
             counts = Counter(_ST_DTYPES[t["dtype"]] for _, t in self.table.values() if t["dtype"] in _ST_DTYPES)
             dtype = counts.most_common(1)[0][0] if counts else torch.float32
         self.dtype = dtype
+        self.compressor = _compressor(self.raw, p, arg)
         self.meta, self.adapter = None, None
         if "fasp_ext" in self.raw:
             self.adapter = adapter_for(self.config)
@@ -186,7 +218,7 @@ class Checkpoint:
     def skeleton(self):
         """The model on the meta device, checked against the tensor table."""
         with torch.device("meta"):
-            skeleton = _build(self.config, self.dtype, self.meta, self.adapter)
+            skeleton = self._quantised(_build(self.config, self.dtype, self.meta, self.adapter))
         expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
         tied = _tied_keys(skeleton)
         if any(k not in expected for k in self.table):  # stored in the original layout: the model's names
@@ -207,8 +239,41 @@ class Checkpoint:
         return skeleton
 
     def build(self):
-        """The model with freshly initialised weights of the checked architecture (CPU)."""
-        return _build(self.config, self.dtype, self.meta, self.adapter)
+        """The model with freshly initialised weights of the checked architecture (CPU); for a
+        quantised folder, in compressed-tensors' compressed layout (:meth:`decompress` after loading)."""
+        return self._quantised(_build(self.config, self.dtype, self.meta, self.adapter))
+
+    def _quantised(self, model):
+        """``model`` with the folder's quantisation applied as transformers' compressed-tensors loader
+        applies it before reading weights: the schemes attached to the layers the config names, and
+        those layers compressed (``weight_packed``, ``weight_scale``, ``weight_shape``, ... in place of
+        ``weight``), so its tensors are the ones stored. Unchanged for a folder without quantisation."""
+        if self.compressor is None:
+            return model
+        from compressed_tensors.quantization import apply_quantization_config
+
+        apply_quantization_config(model, self.compressor.quantization_config, run_compressed=False)
+        if self._compressed:
+            self.compressor.compress_model(model=model)
+        return model
+
+    def decompress(self, model):
+        """A loaded quantised model (from :meth:`build`) decompressed in place by compressed-tensors
+        (each layer's weight dequantised; the quantisation schemes stay attached, so activations are
+        quantised as in llm-compressor's model), as a plain model: compressed-tensors' decompression
+        puts every module under its offloading wrapper, which is removed again."""
+        if self.compressor is None or not self._compressed:
+            return model
+        from compressed_tensors.offload import remove_dispatch
+
+        self.compressor.decompress_model(model=model)
+        return remove_dispatch(model, onload_tensors=True)
+
+    @property
+    def _compressed(self) -> bool:
+        """The weights are stored compressed (status "compressed", as transformers' loader decides);
+        a "frozen" folder stores them dense, next to their scales."""
+        return getattr(self.compressor.quantization_config, "quantization_status", None) == "compressed"
 
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
@@ -220,6 +285,13 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     the wrong shape is an error naming it, and everything is checked against the safetensors
     headers before the model is allocated. Nothing is unpickled. The saved dtype is kept unless
     ``dtype`` asks for another.
+
+    A folder that llm-compressor quantised (``oneshot`` with FASP then GPTQ/FP8/INT8: compressed-tensors'
+    packed format on the pruned widths) is rebuilt the same way, the skeleton then quantised and
+    compressed with compressed-tensors, checked and filled as strictly, and decompressed by
+    compressed-tensors: the model runs the dequantised weights (and quantised activations where the
+    scheme has them) as llm-compressor's model in memory does. That needs ``compressed-tensors``
+    (installed with llm-compressor).
     """
     from safetensors import safe_open
 
@@ -236,6 +308,7 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
             for k, stored in keys:
                 state[k] = sf.get_tensor(stored)
     model.load_state_dict(state, strict=False)
+    model = ck.decompress(model)
     model.tie_weights()
     gen = p / "generation_config.json"
     if gen.is_file():

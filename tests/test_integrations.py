@@ -20,6 +20,7 @@ import torch
 
 import fasp_ext
 from fasp_ext.cli import main
+from fasp_ext.safety import UserError
 from tiny_models import tiny_llama
 
 REQUIRE = os.environ.get("FASP_EXT_REQUIRE_INTEGRATIONS") == "1"
@@ -160,6 +161,227 @@ def test_fasp_modifier_argument_errors():
         FASPModifier(sparsity=1.5)
     with pytest.raises(ValueError, match="unknown PruneConfig option"):
         FASPModifier(options={"sparsty": 0.2})
+
+
+# ----------------------------------------------------------------------------- the model oneshot hands back
+# What a user runs (llm-compressor's own examples): oneshot with FASP pruning value channels, then a forward
+# and model.generate on the model object oneshot worked on, in memory.
+
+def _dataset(toks):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": toks.tolist(), "attention_mask": torch.ones_like(toks).tolist()})
+
+
+def _value_pruned(report, hd):
+    return [b["v_head_dim"] for b in report.blocks if b.get("v_head_dim", hd) < hd]
+
+
+@pytest.mark.parametrize("save", [True, False], ids=["output_dir", "no_output_dir"])
+def test_oneshot_model_runs_and_generates_after_value_pruning(model_dir, tmp_path, save):
+    _need("llmcompressor")
+    from llmcompressor import oneshot
+
+    from fasp_ext.integrations.llmcompressor import FASPModifier
+
+    toks = _windows(12, 32)
+    model = _load(model_dir)
+    mod = FASPModifier(sparsity=0.25, progress=False, options={"attn_sparsity": 0.25})  # default allocation
+    oneshot(model=model, dataset=_dataset(toks), recipe=[mod], num_calibration_samples=12, max_seq_length=32,
+            shuffle_calibration_samples=False, **({"output_dir": str(tmp_path / "out")} if save else {}))
+    ref = _load(model_dir)
+    rep = fasp_ext.prune(ref, toks, fasp_ext.PruneConfig(sparsity=0.25, attn_sparsity=0.25, progress=False))
+    assert _value_pruned(rep, 16), "the reference pruned no value channel: the test would not test them"
+    assert [b["v_head_dim"] for b in mod.report.blocks] == [b["v_head_dim"] for b in rep.blocks]
+
+    x = _windows(2, 16, seed=9)
+    with torch.no_grad():
+        got = model(x).logits  # oneshot's save put the stock attention forward back on the modules
+        want = ref(x).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        dense = _load(model_dir)(x).logits
+    assert (dense - want).abs().max() > 1e-2  # the pruned function is not the dense one
+    ids = x[:1, :8]
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 12)
+    assert torch.equal(gen, ref.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_value_pruned_attention_survives_a_restored_stock_forward(model_dir):
+    """The pruned attention is a property of the module's type: a toolkit that saved the stock forward
+    before pruning and puts it back afterwards (compressed-tensors' remove_module_offload, accelerate's
+    remove_hook_from_module) does not undo it; the module pickles, deep-copies and prints as the stock one."""
+    import copy
+    import io
+
+    model = _load(model_dir)
+    attns = [b.self_attn for b in model.model.layers]
+    saved = [a.forward for a in attns]
+    stock_repr = repr(model)
+    rep = fasp_ext.prune(model, _windows(12, 32), fasp_ext.PruneConfig(sparsity=0.25, attn_sparsity=0.25,
+                                                                       progress=False))
+    assert _value_pruned(rep, 16)
+    x = _windows(2, 16, seed=9)
+    with torch.no_grad():
+        want = model(x).logits
+    for a, f in zip(attns, saved):
+        a.forward = f
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, want, rtol=0, atol=0)
+    assert all(repr(a).startswith("LlamaAttention(\n") for a in attns) and "LlamaAttention(" in stock_repr
+    stock = type(_load(model_dir).model.layers[0].self_attn)
+    assert all(isinstance(a, stock) and type(a).__name__ == stock.__name__ for a in attns)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        assert type(twin.model.layers[0].self_attn) is type(attns[0])
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x).logits, want, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- FASP + quantisation in one recipe
+
+@pytest.fixture(scope="module")
+def quant_model_dir(tmp_path_factory):
+    """A tiny random LLaMA whose pruned widths can be W4A16's groups of 128 (pruning with mlp_multiple=128
+    and attn_multiple=32 over 4 heads keeps every input width a multiple of 128)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    d = tmp_path_factory.mktemp("tiny_q") / "model"
+    LlamaForCausalLM(cfg).eval().save_pretrained(d)
+    _tokenizer().save_pretrained(d)
+    return d
+
+
+QUANT_FASP = {"sparsity": 0.3, "attn_sparsity": 0.3, "mlp_multiple": 128, "attn_multiple": 32}
+
+
+def _quant_recipe(kind):
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    from fasp_ext.integrations.llmcompressor import FASPModifier
+
+    fasp = FASPModifier(sparsity=QUANT_FASP["sparsity"], progress=False,
+                        options={k: v for k, v in QUANT_FASP.items() if k != "sparsity"})
+    if kind == "gptq-w4a16":
+        q = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    elif kind == "fp8-dynamic":
+        q = QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])
+    else:  # int8 weights and per-token int8 activations, GPTQ
+        q = GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])
+    return fasp, [fasp, q]
+
+
+@pytest.mark.parametrize("kind", ["gptq-w4a16", "fp8-dynamic", "gptq-w8a8"])
+def test_fasp_then_quantisation_reloads_to_the_in_memory_logits(quant_model_dir, tmp_path, kind):
+    """FASP then a quantisation modifier in one recipe: every pruned projection is quantised, the folder
+    oneshot writes (compressed-tensors' packed format on the pruned widths) reloads with load_pruned, and its
+    logits equal the model's in memory exactly: both run the same dequantised weights (compressed-tensors'
+    decompression of the same stored integers and scales) through the same compressed-tensors forward
+    (measured difference 0.0 for all three schemes), so any difference is a loading defect."""
+    _need("llmcompressor")
+    from llmcompressor import oneshot
+    from safetensors import safe_open
+
+    toks = _windows(12, 32)
+    model = _load(quant_model_dir)
+    fasp, recipe = _quant_recipe(kind)
+    out = tmp_path / "quantised"
+    oneshot(model=model, dataset=_dataset(toks), recipe=recipe, num_calibration_samples=12, max_seq_length=32,
+            shuffle_calibration_samples=False, output_dir=str(out))
+    ref = _load(quant_model_dir)
+    rep = fasp_ext.prune(ref, toks, fasp_ext.PruneConfig(progress=False, **QUANT_FASP))
+    assert _value_pruned(rep, 64) and len({b["mlp_width"] for b in rep.blocks}) > 1  # per-block widths
+    assert [(b["v_head_dim"], b["mlp_width"]) for b in fasp.report.blocks] == \
+        [(b["v_head_dim"], b["mlp_width"]) for b in rep.blocks]
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["fasp_ext"]["mlp_width"] == [b["mlp_width"] for b in rep.blocks]
+    q = cfg["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["ignore"] == ["lm_head"]  # pruned layers quantised
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    stored = "weight_packed" if kind == "gptq-w4a16" else "weight"
+    for b in range(2):
+        for lin in ("self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"):
+            assert f"model.layers.{b}.{lin}.{stored}" in names and f"model.layers.{b}.{lin}.weight_scale" in names
+
+    x = _windows(2, 16, seed=9)
+    with torch.no_grad():
+        mem = model(x).logits  # the in-memory model: decompressed by compressed-tensors on this first forward
+        unquantised = ref(x).logits
+    assert (mem - unquantised).abs().max() > 1e-4  # quantisation changed the function
+    back = fasp_ext.load_pruned(out)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, mem, rtol=0, atol=0)
+    ids = x[:1, :8]
+    assert torch.equal(back.generate(ids, max_new_tokens=4, do_sample=False),
+                       model.generate(ids, max_new_tokens=4, do_sample=False))
+
+    # still strict: a tensor missing from the packed folder is an error naming it, before any weight is read
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in out.iterdir():
+        if f.name != "model.safetensors":
+            (broken / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(out / "model.safetensors"))
+    gone = "model.layers.1.mlp.down_proj.weight_scale"
+    del sd[gone]
+    save_file(sd, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="missing .*down_proj.weight_scale"):
+        fasp_ext.load_pruned(broken)
+
+
+def test_fasp_modifier_must_come_first_when_modifiers_follow(quant_model_dir):
+    _need("llmcompressor")
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    from fasp_ext.integrations.llmcompressor import FASPModifier
+
+    toks = _windows(4, 16)
+    recipe = [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"]),
+              FASPModifier(progress=False), QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+    with pytest.raises(ValueError, match="put it first in the recipe"):
+        oneshot(model=_load(quant_model_dir), dataset=_dataset(toks), recipe=recipe, num_calibration_samples=4,
+                max_seq_length=16)
+
+
+def _quantised_config_folder(tmp_path, model_dir, qc):
+    d = tmp_path / "q"
+    d.mkdir()
+    for f in model_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = qc
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_load_pruned_quantised_folder_errors(model_dir, tmp_path, monkeypatch):
+    """Without compressed-tensors a compressed-tensors folder fails with one line saying what to install;
+    another quantisation method is refused by name."""
+    import importlib.util
+
+    d = _quantised_config_folder(tmp_path, model_dir, {"quant_method": "compressed-tensors",
+                                                       "format": "pack-quantized", "config_groups": {}})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "compressed_tensors" else real(n, *a))
+    with pytest.raises(UserError, match=r"^path: .*\(pack-quantized\).*pip install compressed-tensors$"):
+        fasp_ext.load_pruned(d)
+    monkeypatch.undo()
+    (tmp_path / "b").mkdir()
+    e = _quantised_config_folder(tmp_path / "b", model_dir, {"quant_method": "bitsandbytes", "load_in_4bit": True})
+    with pytest.raises(UserError, match="quantization method 'bitsandbytes'"):
+        fasp_ext.load_pruned(e)
 
 
 # ----------------------------------------------------------------------------- lm-eval

@@ -70,6 +70,74 @@ def attend(attn: nn.Module, interface, q, k, v, attention_mask, **kwargs):
     return out, weights
 
 
+class _PrunedForward:
+    """The ``forward`` of a value-pruned attention class (a data descriptor).
+
+    Reading ``attn.forward`` gives a forward set on the instance if there is one (a toolkit's wrapper,
+    fasp_ext's calibration replay), else the adapter's ``value_pruned_forward`` bound to ``attn``.
+    Setting it to the stock forward of the original class (or to the pruned one) removes the
+    instance's own forward instead of storing it: toolkits that wrapped a module before it was
+    pruned put back the stock forward they saved when they unwrap it (llm-compressor's oneshot does,
+    through compressed-tensors' ``remove_module_offload`` and accelerate's ``remove_hook_from_module``
+    when it saves), and the stock forward cannot run narrower value heads. Any other forward is kept
+    on the instance (in ``attn.__dict__["forward"]``, where ``del attn.forward`` finds it)."""
+
+    def __get__(self, attn, cls=None):
+        if attn is None:
+            return cls._fasp_adapter.value_pruned_forward
+        own = attn.__dict__.get("forward")
+        if own is not None:
+            return own
+        return types.MethodType(type(attn)._fasp_adapter.value_pruned_forward, attn)
+
+    def __set__(self, attn, value) -> None:
+        cls = type(attn)
+        fn = getattr(value, "__func__", value)
+        if getattr(value, "__self__", attn) is attn and fn in (cls._fasp_base.forward,
+                                                               cls._fasp_adapter.value_pruned_forward):
+            attn.__dict__.pop("forward", None)
+        else:
+            attn.__dict__["forward"] = value
+
+    def __delete__(self, attn) -> None:
+        if attn.__dict__.pop("forward", None) is None:
+            raise AttributeError("forward")
+
+
+_VALUE_PRUNED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def value_pruned_class(adapter_cls: type, base: type) -> type:
+    """The subclass of attention class ``base`` whose forward is ``adapter_cls.value_pruned_forward``
+    (one per pair, cached). It keeps ``base``'s name, qualified name and module, so the model's repr,
+    class-name matching (llm-compressor's targets and ignore lists) and the family's modeling module
+    (its rotary embedding and eager attention, looked up from ``type(attn).__module__``) are those of
+    the stock class; ``isinstance(attn, base)`` holds. Instances pickle and deep-copy (the class is
+    rebuilt from the two importable classes). ``base`` may already be value-pruned (pruning a pruned
+    model again): its original class is used."""
+    base = getattr(base, "_fasp_base", base)
+    key = (adapter_cls, base)
+    cls = _VALUE_PRUNED_CLASSES.get(key)
+    if cls is None:
+        def __reduce_ex__(self, protocol):
+            return _new_value_pruned, (adapter_cls, base), self.__getstate__()
+
+        cls = type(base.__name__, (base,), {
+            "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__,
+            "forward": _PrunedForward(), "__reduce_ex__": __reduce_ex__,
+            "_fasp_base": base,  # the stock class
+            "_fasp_adapter": adapter_cls,  # family switches the forward reads (soft-capping, window)
+        })
+        _VALUE_PRUNED_CLASSES[key] = cls
+    return cls
+
+
+def _new_value_pruned(adapter_cls: type, base: type):
+    """An empty instance of ``value_pruned_class(adapter_cls, base)`` (unpickling, deep copies)."""
+    cls = value_pruned_class(adapter_cls, base)
+    return cls.__new__(cls)
+
+
 class Adapter:
     """Base class: subclasses fill in the attribute names and the pruned-value attention forward."""
 
@@ -172,10 +240,17 @@ class Adapter:
 
     # ---- the pruned-value architecture
     def set_value_head_dim(self, attn: nn.Module, v_head_dim: int) -> None:
-        """Make ``attn`` run with value heads of size ``v_head_dim`` (query/key heads unchanged)."""
+        """Make ``attn`` run with value heads of size ``v_head_dim`` (query/key heads unchanged).
+
+        The module's class becomes the family's value-pruned subclass of its own class
+        (:func:`value_pruned_class`), whose ``forward`` is the adapter's ``value_pruned_forward``:
+        the pruned attention is a property of the module's type, not a bound method on the instance
+        that a toolkit can replace by the stock forward it saved earlier. A forward set on the
+        instance before (a toolkit's wrapper around the stock forward) is dropped: it would run the
+        stock forward."""
         attn.v_head_dim = int(v_head_dim)
-        attn._fasp_adapter = type(self)  # family switches the forward reads (soft-capping, window)
-        attn.forward = types.MethodType(type(self).value_pruned_forward, attn)
+        attn.__class__ = value_pruned_class(type(self), type(attn))
+        attn.__dict__.pop("forward", None)
 
     @staticmethod
     def value_pruned_forward(attn, *args, **kwargs):  # pragma: no cover - abstract

@@ -7,9 +7,23 @@ forward passes. It declares that it needs no calibration forward passes of its o
 runs the data-free pipeline for it (no extra pass through the model), takes the ``input_ids`` of
 oneshot's own calibration dataloader (``state.data.calib``, built from ``dataset=``,
 ``num_calibration_samples``, ``max_seq_length``, ...), and runs :func:`fasp_ext.pipeline.prune` on
-them when its calibration epoch ends. Modifiers after it in the recipe (for example a
-quantization modifier) see the pruned model. The result is exactly what ``fasp_ext.prune`` gives
-on the same windows.
+them. The result is exactly what ``fasp_ext.prune`` gives on the same windows.
+
+When it prunes: llm-compressor initialises every modifier of the recipe, in order, before any
+calibration, and a quantisation modifier attaches its schemes to the layers it finds then (GPTQ also
+keeps those modules). First in the recipe, FASP prunes when it is initialised, so the modifiers after
+it (``GPTQModifier(scheme="W4A16")``, FP8, INT8 W8A8) are initialised on the pruned model and quantise
+the pruned projections too. Last in a recipe (after a modifier it must not disturb) it prunes when its
+calibration epoch ends; anywhere else is refused, since the modifiers after it would hold layers that
+pruning replaces. W4A16's groups of 128 need every pruned input width to be a multiple of 128:
+``options={"mlp_multiple": 128, "attn_multiple": m}`` with ``num_attention_heads * m`` a multiple
+of 128 (docs/integrations.md).
+
+After ``oneshot``: the pruned attention is the module's class (fasp_ext/adapters/base.py,
+``value_pruned_class``), so the model oneshot hands back runs its forward and ``generate`` although
+oneshot's save puts back the stock attention forward compressed-tensors saved when it wrapped the
+modules. A folder oneshot wrote after FASP and a quantisation modifier reloads with
+``fasp_ext.load_pruned`` (compressed-tensors' decompression on the pruned skeleton, fasp_ext/io.py).
 
 Shapes shrink physically (rows of ``v_proj``/``up_proj``/``gate_proj``, columns of
 ``o_proj``/``down_proj``). Per-block sizes are recorded in ``config.fasp_ext``; reload the folder
@@ -85,6 +99,14 @@ def collect_windows(batches: Iterable[Any], seqlen: int | None = None) -> torch.
     return stream[: n * L].reshape(n, L).clone()
 
 
+def _recipe_modifiers() -> list:
+    """The modifiers of the active llm-compressor session's recipe, in order ([] if unknown)."""
+    from llmcompressor.core import active_session
+
+    recipe = getattr(getattr(active_session(), "lifecycle", None), "recipe", None)
+    return list(getattr(recipe, "modifiers", None) or [])
+
+
 class FASPModifier(Modifier):
     """Structured pruning by FASP (arXiv 2501.09412) inside llm-compressor's ``oneshot``.
 
@@ -150,6 +172,20 @@ class FASPModifier(Modifier):
         self._dataloader = getattr(getattr(state, "data", None), "calib", None)
         if self._dataloader is None:
             raise ValueError("FASPModifier needs calibration data: pass dataset=... to oneshot")
+        # Modifiers are initialised in recipe order, and a quantisation modifier attaches its schemes
+        # to the linear layers it finds then (GPTQ also keeps those modules by identity). Pruning
+        # replaces the projections by new, smaller layers: first in the recipe, FASP prunes here, so
+        # every modifier after it is initialised on the pruned model; pruned later, the new layers
+        # would carry no scheme and be left unquantised (saved in the quantization_config's ignore).
+        mods = _recipe_modifiers()
+        pos = next((i for i, m in enumerate(mods) if m is self), None)
+        if pos == 0:
+            self._prune(state)
+        elif pos is not None and pos < len(mods) - 1:
+            later = ", ".join(type(m).__name__ for m in mods[pos + 1:])
+            raise ValueError(f"FASPModifier: put it first in the recipe (it is number {pos + 1} of {len(mods)}): "
+                             f"the modifiers after it ({later}) are initialised before it prunes, on layers that "
+                             "pruning replaces")
         return True
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
