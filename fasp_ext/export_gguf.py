@@ -151,6 +151,10 @@ def plan_export(model_dir, out_path, outtype: str = "f16", arch: str = "auto") -
     """Check everything and decide the file's layout, reading config.json and the safetensors
     headers only (no weight). Raises :class:`~fasp_ext.safety.UserError` with a one-line reason
     for anything llama.cpp could not run, before any file is touched."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise _fail("fasp-ext export needs the gguf package, llama.cpp's writer: pip install gguf") from None
     if outtype not in OUTTYPES:
         raise _fail(f"--outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}")
     if arch not in ("auto", "llama", "deci"):
@@ -291,6 +295,15 @@ def _add_tokenizer(writer, plan: ExportPlan, tokenizer_pre: str | None) -> dict:
             tokens.append(text)
             scores.append(score)
             types.append(typ)
+        # llama.cpp's SentencePiece tokenizer merges the pair whose result scores highest; without a
+        # tokenizer.model to read scores from (LlamaHfVocab gives every token -1000, so llama.cpp would
+        # merge left to right), score each merged token by its merge's rank, as BPE applies them
+        rank = {}
+        for r, m in enumerate(model.get("merges", [])):
+            a, b = m.split(" ", 1) if isinstance(m, str) else m
+            rank.setdefault((a + b).encode("utf-8"), r)
+        scores = [-float(rank[t]) if t in rank and typ == gguf.TokenType.NORMAL else sc
+                  for t, sc, typ in zip(tokens, scores, types)]
         _pad_vocab(tokens, types, plan.vocab, scores)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")

@@ -49,16 +49,26 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
 
 
 # ----------------------------------------------------------------------------- tiny models
-def tiny_tokenizer(vocab: int = 320):
-    """A byte-level BPE tokenizer trained on TEXT (GPT-2's pre-tokenizer; no hub)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tiny_tokenizer(vocab: int = 320, kind: str = "bytelevel"):
+    """A BPE tokenizer trained on TEXT (no hub): GPT-2's byte-level one (``bytelevel``, as SmolLM2's
+    and Llama 3's), or SentencePiece-style with byte fallback (``spm``, as Llama 2's tokenizer.json)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    specials = ["<|endoftext|>", "<s>", "</s>"]
+    if kind == "bytelevel":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    else:
+        tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<|endoftext|>", fuse_unk=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        trainer = trainers.BpeTrainer(vocab_size=vocab + 80, special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)],
+                                      show_progress=False)
     tok.train_from_iterator([TEXT] * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<|endoftext|>")
@@ -170,19 +180,24 @@ def test_dense_export_matches_transformers(tmp_path, tok, arch):
 
 
 @needs_llama
-def test_tokenizer_carried_over(tmp_path, tok):
-    """llama.cpp tokenizes like the folder's tokenizer and knows its special tokens."""
+@pytest.mark.parametrize("kind", ["bytelevel", "spm"])
+def test_tokenizer_carried_over(tmp_path, kind):
+    """llama.cpp tokenizes like the folder's tokenizer (byte-level BPE as gpt2, SentencePiece-style
+    BPE as llama with scores from the merge ranks) and knows its special tokens."""
+    tok = tiny_tokenizer(kind=kind)
     m = tiny_llama(tok, layers=1)
     src = tmp_path / "d"
     m.save_pretrained(src)
     tok.save_pretrained(src)
-    export_gguf(src, tmp_path / "d.gguf", outtype="f16")
+    rep = export_gguf(src, tmp_path / "d.gguf", outtype="f16")
+    assert rep["tokenizer"]["model"] == {"bytelevel": "gpt2", "spm": "llama"}[kind]
     llm = llama_cpp.Llama(model_path=str(tmp_path / "d.gguf"), vocab_only=True, verbose=False)
     try:
-        for text in (TEXT, "  two  spaces, tabs\tand 12345 digits\n\nnew lines"):
+        for text in (TEXT, "  two  spaces, tabs\tand 12345 digits\n\nnew lines, bytes: \u00e9 \U0001f999"):
             assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text, add_special_tokens=False)
         assert llm.token_bos() == tok.bos_token_id and llm.token_eos() == tok.eos_token_id
-        assert llm.detokenize(tok.encode(TEXT, add_special_tokens=False)).decode() == TEXT
+        # (llama.cpp keeps a SentencePiece prefix space that the HF decoder strips)
+        assert llm.detokenize(tok.encode(TEXT, add_special_tokens=False)).decode().removeprefix(" ") == TEXT
     finally:
         llm.close()
 
