@@ -180,6 +180,27 @@ def test_dense_export_matches_transformers(tmp_path, tok, arch):
 
 
 @needs_llama
+def test_mistral_sliding_window(tmp_path, tok):
+    """Mistral goes out as llama; llama.cpp's graph has no sliding window, so the file's context is
+    the window, within which llama.cpp gives transformers' logits."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    m = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=512, sliding_window=48)).eval()
+    src = tmp_path / "mistral"
+    m.save_pretrained(src)
+    tok.save_pretrained(src)
+    rep = export_gguf(src, tmp_path / "m.gguf", outtype="f32")
+    assert rep["arch"] == "llama" and rep["context_length"] == 48 and "sliding window of 48" in rep["warnings"][0]
+    assert read_kv(tmp_path / "m.gguf")["llama.context_length"] == 48
+    ids = ids_of(tok, 48)
+    got, want = llama_logits(tmp_path / "m.gguf", ids), torch_logits(m, ids)
+    assert rel(got, want) < 1e-3, rel(got, want)
+
+
+@needs_llama
 @pytest.mark.parametrize("kind", ["bytelevel", "spm"])
 def test_tokenizer_carried_over(tmp_path, kind):
     """llama.cpp tokenizes like the folder's tokenizer (byte-level BPE as gpt2, SentencePiece-style
