@@ -355,6 +355,25 @@ def test_fasp_modifier_must_come_first_when_modifiers_follow(quant_model_dir):
                 max_seq_length=16)
 
 
+def test_group_size_is_checked_on_the_pruned_widths(quant_model_dir):
+    """GPTQ W4A16 is initialised after FASP pruned: llm-compressor's own check that every quantised input
+    width divides its groups of 128 runs on the pruned layers (MLP widths rounded to 8 by default), before
+    any calibration, and names them."""
+    _need("llmcompressor")
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    from fasp_ext.integrations.llmcompressor import FASPModifier
+
+    toks = _windows(12, 32)
+    fasp = FASPModifier(sparsity=0.3, progress=False, options={"attn_sparsity": 0.3, "attn_multiple": 32})
+    recipe = [fasp, GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])]
+    with pytest.raises(ValueError, match=r"not divisible by group_size[\s\S]*mlp\.down_proj \(columns=(?!512)"):
+        oneshot(model=_load(quant_model_dir), dataset=_dataset(toks), recipe=recipe, num_calibration_samples=12,
+                max_seq_length=32, shuffle_calibration_samples=False)
+    assert any(b["mlp_width"] % 128 for b in fasp.report.blocks)
+
+
 def _quantised_config_folder(tmp_path, model_dir, qc):
     d = tmp_path / "q"
     d.mkdir()
