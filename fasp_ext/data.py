@@ -205,6 +205,8 @@ def tokenize_text(tokenizer, text: str, add_special_tokens: bool = True) -> torc
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode"):
+        if len(text) > TOKENIZE_WHOLE_CHARS:
+            return _tokenize_in_pieces(backend, text, add_special_tokens)
         ids = backend.encode(text, add_special_tokens=add_special_tokens).ids
     else:
         import logging
@@ -217,6 +219,50 @@ def tokenize_text(tokenizer, text: str, add_special_tokens: bool = True) -> torc
         finally:
             log.setLevel(old)
     return torch.tensor(ids, dtype=torch.long)
+
+
+#: texts up to this many characters are tokenised in one call (every built-in text: all six Austen
+#: novels are 4.0 M characters); longer ones in pieces of about TOKENIZE_PIECE_CHARS, because the
+#: tokenizer keeps offsets and strings for every token of a call (about 600 bytes a token: 1.2 GB
+#: for 8 M characters of English in one call, 0.3 GB in pieces of 1 Mi)
+TOKENIZE_WHOLE_CHARS = 4 << 20
+TOKENIZE_PIECE_CHARS = 1 << 20
+
+
+def _piece_ends(text: str, piece: int) -> list[int]:
+    """Where to cut ``text`` into pieces of about ``piece`` characters: before a single space between
+    two words (the space starts the next piece, as a byte-level BPE pre-tokenizer would split it),
+    else at the mark."""
+    ends, start = [], 0
+    while len(text) - start > piece:
+        mark = start + piece
+        cut = text.rfind(" ", max(start + 1, mark - (piece >> 4)), mark)
+        while cut > start and (text[cut - 1].isspace() or cut + 1 >= len(text) or text[cut + 1].isspace()):
+            cut = text.rfind(" ", max(start + 1, mark - (piece >> 4)), cut)
+        end = cut if cut > start else mark
+        ends.append(end)
+        start = end
+    ends.append(len(text))
+    return ends
+
+
+def _tokenize_in_pieces(backend, text: str, add_special_tokens: bool) -> torch.Tensor:
+    """Token ids of a long text, tokenised piece by piece (bounded memory); the special tokens the
+    tokenizer adds (BOS before, EOS after) go around the whole stream once."""
+    prefix, suffix = [], []
+    if add_special_tokens:
+        plain = backend.encode("a", add_special_tokens=False).ids
+        full = backend.encode("a", add_special_tokens=True).ids
+        for i in range(len(full) - len(plain) + 1):
+            if full[i:i + len(plain)] == plain:
+                prefix, suffix = full[:i], full[i + len(plain):]
+                break
+    parts, start = [torch.tensor(prefix, dtype=torch.long)], 0
+    for end in _piece_ends(text, TOKENIZE_PIECE_CHARS):
+        parts.append(torch.tensor(backend.encode(text[start:end], add_special_tokens=False).ids, dtype=torch.long))
+        start = end
+    parts.append(torch.tensor(suffix, dtype=torch.long))
+    return torch.cat(parts)
 
 
 def _token_stream(tokenizer, text) -> torch.Tensor:

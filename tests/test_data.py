@@ -527,3 +527,38 @@ def test_load_text_comma_list_of_mixed_specs(tmp_path, monkeypatch):
     (tmp_path / "a.txt").write_text("local")
     got = D.load_text(f"austen:emma, jargon,{tmp_path / 'a.txt'}")
     assert got == "<austen emma>\n\n<jargon>\n\nlocal"
+
+
+def _byte_bpe_tokenizer(bos_eos: bool):
+    """A small byte-level BPE (the GPT-2 / LLaMA-3 / SmolLM2 kind), trained here, optionally adding BOS and EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = ["the quick brown fox jumps over the lazy dog,\n\n said the  other one " * 20]
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"]))
+    if bos_eos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("bos_eos", [False, True])
+def test_long_texts_are_tokenised_in_pieces_to_the_same_ids(monkeypatch, bos_eos):
+    """Past TOKENIZE_WHOLE_CHARS a text is tokenised in pieces cut before a space between words
+    (the tokenizer's per-token records of one 8 M-character call took 1.2 GB): the same ids as one
+    call, special tokens once around the whole stream."""
+    tok = _byte_bpe_tokenizer(bos_eos)
+    g = torch.Generator().manual_seed(0)
+    words = ["the", "quick", "brown", "fox,", "jumps\n\n", "over", " lazy", "dog.", "said", "other"]
+    text = " ".join(words[i] for i in torch.randint(0, len(words), (3000,), generator=g).tolist())
+    whole = tok.backend_tokenizer.encode(text, add_special_tokens=True).ids
+    monkeypatch.setattr(D, "TOKENIZE_WHOLE_CHARS", 1000)
+    monkeypatch.setattr(D, "TOKENIZE_PIECE_CHARS", 700)
+    ends = D._piece_ends(text, 700)
+    assert len(ends) > 10 and ends[-1] == len(text)
+    assert all(text[e] == " " and not text[e - 1].isspace() and not text[e + 1].isspace() for e in ends[:-1])
+    got = D.tokenize_text(tok, text)
+    assert got.tolist() == whole
+    assert (got[0] == 0 and got[-1] == 1 and int((got == 0).sum()) == 1) if bos_eos else 0 not in got.tolist()
