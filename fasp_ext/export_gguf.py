@@ -123,6 +123,8 @@ def _fail(msg: str) -> UserError:
 
 
 def _check_out(out, model_dir: Path) -> Path:
+    if out is None or not str(out).strip():
+        raise _fail("--out: empty path (an unset shell variable?); name the GGUF file to write")
     p = resolve_out(out, "--out")
     if p.exists():
         raise _fail(f"--out: {p} already exists; fasp-ext export never replaces a file (name a new one)")
