@@ -47,6 +47,7 @@ import torch
 
 from . import distributed
 from .calibration import Stats, collect, fluctuation_scores, run_block
+from .units import judged_weight, kept_count, value_groups
 
 ALLOCATIONS = ("uniform", "error", "error-am", "flap", "flap-am")
 #: the allocations that rank restored-error curves (they need the Gram matrices and stream energies)
@@ -193,8 +194,6 @@ def block_costs(adapter, block, mcfg, cfg, st_o: Stats | None, st_d: Stats | Non
     counts, the cost of each removal step and the parameters one unit weighs (None: not pruned).
     ``st_o``/``st_d``: statistics of the output projections' inputs on the dense stream (with the Gram
     matrix for the "error" allocation, which also needs the stream's energy entering and leaving)."""
-    from .pipeline import judged_weight, kept_count, value_groups
-
     entry = []
     for st, frac, which in ((st_o, cfg.attn_fraction, "attn"), (st_d, cfg.mlp_fraction, "mlp")):
         if st is None:
@@ -235,7 +234,6 @@ def decide(per_block: list[list], cfg, fixed: dict | None = None) -> list[dict]:
     ``fixed``: ``{(block, "v_keep" or "mlp_keep"): kept count}`` already decided (and applied): those
     stay as they are, and the others share what is left of the budget (``allocation_replan``)."""
     fixed = fixed or {}
-    from .pipeline import kept_count
 
     kind = cfg.allocation_kind
     parts = [(idx, key, frac, mult) for idx, key, frac, mult in

@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import distributed, ops
+from . import allocation, distributed, ops
 from .adapters import Adapter, adapter_for
 from .adapters.base import _shrink_linear, new_linear
 from .damping import DEFAULT_GRID, choose_damp
+from .units import judged_weight, kept_count, value_groups  # noqa: F401 (importable from here too)
 from .calibration import (GRAM_PRECISIONS, BlockInputs, BlockMover, Stats, capture_block_inputs, collect,
                           fluctuation_scores, kept_linear, record, replay_attention, run_block)
 
@@ -176,10 +177,8 @@ class PruneConfig:
                              f"got {self.method!r}")
         if int(self.spap_rounds) < 1:
             raise ValueError(f"spap_rounds must be >= 1, got {self.spap_rounds!r}")
-        from .allocation import ALLOCATIONS
-
-        if self.allocation is not None and self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation is not None and self.allocation not in allocation.ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(allocation.ALLOCATIONS)}, got {self.allocation!r}")
         if self.allocation_replan and (self.one_pass or self.allocation_kind not in ("error", "error-am")):
             raise ValueError("allocation_replan needs sequential mode (one_pass=False) and allocation 'error' or "
                              f"'error-am', got one_pass={self.one_pass} and allocation {self.allocation_kind!r}")
@@ -281,16 +280,6 @@ class PruneReport:
         return asdict(self)
 
 
-def kept_count(m: int, fraction: float, multiple: int) -> int:
-    """k = round((1 - fraction) * m), rounded to a multiple, at least one multiple (or m if smaller)."""
-    if fraction <= 0.0:
-        return m
-    k = int(round((1.0 - fraction) * m))
-    if multiple > 1:
-        k = int(round(k / multiple)) * multiple
-    return min(max(k, min(multiple, m), 1), m)
-
-
 def count_params(model: nn.Module) -> int:
     seen, total = set(), 0
     for p in model.parameters():
@@ -343,19 +332,6 @@ class _Timer:
 
 
 # ----------------------------------------------------------------------------- selection + restore
-def judged_weight(cfg: PruneConfig, adapter: Adapter, block: nn.Module, which: str, W: torch.Tensor) -> torch.Tensor:
-    """The output projection's weight as the selection and the allocation judge it: where the block
-    normalises the projection's output before the residual add (``cfg.output_norm``), row j scaled by
-    the norm's gain g_j, as an error in output j reaches the stream multiplied by g_j. (The
-    restoration fits each row on its own, so it is unchanged by the scaling.)"""
-    norm = cfg.output_norm(adapter, block, which)
-    if norm is None:
-        return W
-    with torch.no_grad():
-        g = norm(torch.ones(1, W.shape[0], device=W.device, dtype=W.dtype)).reshape(-1).float()
-    return W.float() * g.unsqueeze(1)
-
-
 def _select(cfg: PruneConfig, W: torch.Tensor, stats: Stats, k: int, groups, segments: int,
             gen: torch.Generator) -> torch.Tensor:
     """Kept unit indices (ascending) by ``cfg.method``; units are columns or rows of ``groups``."""
@@ -485,16 +461,6 @@ def _set_linear(lin: nn.Linear, W: torch.Tensor, bias: torch.Tensor | None) -> n
     if has_bias:
         new.bias.data.copy_(bias if bias is not None else lin.bias.data)
     return new
-
-
-def value_groups(n: int, kv: int, dv: int, device) -> torch.Tensor:
-    """(kv * dv, n / kv) o_proj columns per value channel: group (g, c) = channel c of kv head g =
-    columns (g * rep + r) * dv + c for the rep = n / kv query heads sharing kv head g."""
-    rep = n // kv
-    g = torch.arange(kv, device=device).view(kv, 1, 1)
-    c = torch.arange(dv, device=device).view(1, dv, 1)
-    r = torch.arange(rep, device=device).view(1, 1, rep)
-    return ((g * rep + r) * dv + c).reshape(kv * dv, rep)
 
 
 def prune_values(adapter: Adapter, block: nn.Module, config, stats: Stats, cfg: PruneConfig,
@@ -752,14 +718,10 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
     replan = allocate and cfg.allocation_replan and not fold
     report.allocation_replan = replan
     if allocate and not fold:
-        from .allocation import decide, dense_costs
-
-        per_block, energies = dense_costs(adapter, blocks, mcfg, sub, cfg, device, timer, mover)
-        keeps = decide(per_block, cfg)
+        per_block, energies = allocation.dense_costs(adapter, blocks, mcfg, sub, cfg, device, timer, mover)
+        keeps = allocation.decide(per_block, cfg)
         if replan:
-            from .allocation import Replanner
-
-            replanner = Replanner(per_block, energies, cfg)
+            replanner = allocation.Replanner(per_block, energies, cfg)
         del sub
     pre_stats = None
     if fold:
