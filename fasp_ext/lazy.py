@@ -207,12 +207,15 @@ class LazyBlocks(BlockMover):
         """The embeddings (everything outside the blocks) are not needed again until the output is
         written, and pruning never changes them: free them now, copy them from the checkpoint then."""
         inside = {id(m) for b in self.blocks for m in b.modules()}
+        moved: dict[int, nn.Parameter] = {}  # a tied parameter (embedding = LM head) stays one parameter
         for m in model.modules():
             if id(m) in inside:
                 continue
             for k, t in list(m._parameters.items()):
                 if t is not None and not t.is_meta:
-                    m._parameters[k] = nn.Parameter(t.to("meta"), requires_grad=False)
+                    if id(t) not in moved:
+                        moved[id(t)] = nn.Parameter(t.to("meta"), requires_grad=False)
+                    m._parameters[k] = moved[id(t)]
         tied = _tied_keys(model)
         self.deferred |= {k for k in self.ck.table if not k.startswith(self.prefix + ".") and k not in tied}
 

@@ -33,9 +33,10 @@ def test_lazy_equals_in_memory_pruning(tmp_path, family, allocation):
                               allocation_replan=replan, progress=False)
     rep = prune_checkpoint(tmp_path / "src", tmp_path / "lazy", toks, cfg())
     m = tiny_family(family)
-    prune(m, toks, cfg())
+    mem = prune(m, toks, cfg())
     save_pruned(m, tmp_path / "mem")
     _same_state(tmp_path / "lazy", tmp_path / "mem")
+    assert (rep["params_before"], rep["params_after"]) == (mem.params_before, mem.params_after)
     assert rep["peak_blocks_in_memory"] == 1
     assert (tmp_path / "lazy" / "model.safetensors.index.json").is_file()
 
@@ -120,3 +121,18 @@ def test_offloaded_activations_give_the_same_model(device):
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.allclose(sa[k], sb[k], rtol=1e-6, atol=1e-7), k
+
+
+def test_lazy_counts_a_tied_embedding_once(tmp_path):
+    """The LM head tied to the embedding is one parameter in the lazy report as in memory (it was
+    counted twice once the embeddings were freed: 'parameters: 3.2 M -> 6.4 M')."""
+    from transformers import LlamaForCausalLM
+
+    m = tiny_llama()
+    m = LlamaForCausalLM(m.config.__class__(**{**m.config.to_dict(), "tie_word_embeddings": True}))
+    m.save_pretrained(tmp_path / "src")
+    toks = random_tokens(4, 24)
+    rep = prune_checkpoint(tmp_path / "src", tmp_path / "lazy", toks, PruneConfig(sparsity=0.25, progress=False))
+    mem = prune(m, toks, PruneConfig(sparsity=0.25, progress=False))
+    assert (rep["params_before"], rep["params_after"]) == (mem.params_before, mem.params_after)
+    assert rep["params_after"] < rep["params_before"]
