@@ -432,40 +432,52 @@ def _llama3_rope_freqs(plan: ExportPlan):
     return torch.tensor(out, dtype=torch.float32)
 
 
-def _tensors(plan: ExportPlan):
-    """(gguf name, float32 torch tensor) for every tensor of the file, in the checkpoint's order."""
+def _tensor_specs(plan: ExportPlan) -> list[tuple[str, tuple[int, ...], object]]:
+    """(gguf name, shape, loader) for every tensor of the file, in the checkpoint's order; the loader
+    reads the tensor (float32, q/k permuted, value heads padded) when it is written, so the export
+    holds one tensor at a time."""
     import gguf
-    import torch
-    from safetensors import safe_open
 
     ck = plan._checkpoint  # type: ignore[attr-defined]
     arch = {"llama": gguf.MODEL_ARCH.LLAMA, "deci": gguf.MODEL_ARCH.DECI}[plan.arch]
     names = gguf.get_tensor_name_map(arch, plan.n_layer)
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for k, (f, t) in ck.table.items():
-        by_file.setdefault(f, []).append((k, t["name"]))
+    specs = []
     if plan.rope.get("rope_type") == "llama3":
-        yield "rope_freqs.weight", _llama3_rope_freqs(plan)
-    for f, keys in by_file.items():
-        with safe_open(str(f), framework="pt") as sf:
-            for key, stored in keys:
-                if key.endswith("rotary_emb.inv_freq"):
-                    continue
-                if key == "lm_head.weight" and plan.tied:
-                    continue  # llama.cpp uses token_embd for the output when output.weight is absent
-                new = names.get_name(key, try_suffixes=(".weight", ".bias"))
-                if new is None:
-                    raise _fail(f"--model: tensor {key!r} has no place in llama.cpp's {plan.arch} graph")
-                t = sf.get_tensor(stored).to(torch.float32)
-                m = re.match(r"model\.layers\.(\d+)\.", key)
-                if m:
-                    i = int(m.group(1))
-                    if ".q_proj." in key:
-                        t = _permute(t, plan.n_head)
-                    elif ".k_proj." in key:
-                        t = _permute(t, plan.n_kv)
-                    t = _pad_values(key, t, plan, i)
-                yield new, t
+        specs.append(("rope_freqs.weight", (plan.head_dim // 2,), lambda: _llama3_rope_freqs(plan)))
+    for key, (f, t) in ck.table.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        if key == "lm_head.weight" and plan.tied:
+            continue  # llama.cpp uses token_embd for the output when output.weight is absent
+        new = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise _fail(f"--model: tensor {key!r} has no place in llama.cpp's {plan.arch} graph")
+        shape = [int(x) for x in t["shape"]]
+        m = re.match(r"model\.layers\.(\d+)\.", key)
+        layer = int(m.group(1)) if m else None
+        if layer is not None and plan.v_head_dim[layer] != plan.head_dim:
+            if ".v_proj." in key:
+                shape[0] = plan.n_kv * plan.head_dim
+            elif key.endswith(".o_proj.weight"):
+                shape[1] = plan.n_head * plan.head_dim
+        specs.append((new, tuple(shape), lambda f=f, stored=t["name"], key=key, layer=layer:
+                      _load(plan, f, stored, key, layer)))
+    return specs
+
+
+def _load(plan: ExportPlan, f: Path, stored: str, key: str, layer: int | None):
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as sf:
+        t = sf.get_tensor(stored).to(torch.float32)
+    if layer is not None:
+        if ".q_proj." in key:
+            t = _permute(t, plan.n_head)
+        elif ".k_proj." in key:
+            t = _permute(t, plan.n_kv)
+        t = _pad_values(key, t, plan, layer)
+    return t
 
 
 def _qtype(outtype: str, new_name: str, ndim: int):
@@ -540,7 +552,7 @@ def export_gguf(model_dir, out_path, outtype: str = "f16", arch: str = "auto", t
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     writer = gguf.GGUFWriter(None, plan.arch)
-    n_tensors, fallback = 0, []
+    n_tensors = 0
     try:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(str(json.loads((plan.model_dir / "config.json").read_text()).get("_model_name_or_path")
@@ -572,23 +584,26 @@ def export_gguf(model_dir, out_path, outtype: str = "f16", arch: str = "auto", t
         writer.add_array("fasp_ext.mlp_width", plan.mlp_width)
         writer.add_array("fasp_ext.v_head_dim", plan.v_head_dim)
         tok_info = _add_tokenizer(writer, plan, tokenizer_pre)
-        for new, t in _tensors(plan):
-            data = t.numpy()
-            qt = _qtype(outtype, new, data.ndim)
-            try:
-                q = gguf.quants.quantize(data, qt)
-            except gguf.QuantError:  # cannot happen after _check_q8; kept as llama.cpp's converter does it
-                fallback.append(new)
-                qt = gguf.GGMLQuantizationType.F16
-                q = gguf.quants.quantize(data, qt)
-            writer.add_tensor(new, q, raw_dtype=qt)
-            n_tensors += 1
-            if progress:
-                log.info("%s %s -> %s", new, tuple(data.shape), qt.name)
+        specs = _tensor_specs(plan)
+        types = []
+        for new, shape, _ in specs:  # the tensor table first: the data follows one tensor at a time
+            qt = _qtype(outtype, new, len(shape))
+            nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, qt)))
+            writer.add_tensor_info(new, shape, np.dtype(np.float32), nbytes, raw_dtype=qt)
+            types.append(qt)
         check_not_interrupted()
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=progress)
+        writer.write_ti_data_to_file()
+        for (new, shape, load), qt in zip(specs, types):
+            data = load().numpy()
+            if tuple(data.shape) != shape:  # pragma: no cover - the checkpoint was checked against its config
+                raise RuntimeError(f"{new}: shape {tuple(data.shape)} != {shape}")
+            writer.write_tensor_data(gguf.quants.quantize(data, qt))
+            n_tensors += 1
+            if progress:
+                log.info("%s %s -> %s", new, shape, qt.name)
+            check_not_interrupted()
         writer.close()
         _publish(tmp, out)
     except OSError as e:
@@ -606,7 +621,7 @@ def export_gguf(model_dir, out_path, outtype: str = "f16", arch: str = "auto", t
             "v_head_dim": plan.v_head_dim, "head_dim": plan.head_dim,
             "padded_value_channels": plan.padded_value_channels,
             "value_heads_padded": not attn_saved,
-            "context_length": plan.context, "f16_fallback": fallback, "tokenizer": tok_info,
+            "context_length": plan.context, "tokenizer": tok_info,
             "warnings": plan.warnings, "seconds": time.perf_counter() - t0}
 
 
