@@ -46,12 +46,10 @@ import heapq
 import torch
 
 from . import distributed
-from .calibration import Stats, collect, fluctuation_scores, run_block
-from .units import judged_weight, kept_count, value_groups
+from .calibration import Stats, fluctuation_scores, run_block
+from .methods import ALLOCATIONS, Allocation, register_allocation
+from .units import judged_weight, kept_count, structure_stats, value_groups
 
-ALLOCATIONS = ("uniform", "error", "error-am", "flap", "flap-am")
-#: the allocations that rank restored-error curves (they need the Gram matrices and stream energies)
-ERROR_KINDS = ("error", "error-am")
 #: default cap on a block's sparsity, relative to the structure's overall sparsity (why 1.5x, not 2x
 #: or 1.25x: docs/decisions.md)
 DEFAULT_CAP = 1.5
@@ -105,6 +103,12 @@ def _error_costs(W, stats: Stats, ks: list[int], groups, segments: int, damp: fl
     return [max(b - a, 0.0) for a, b in zip(err, err[1:])]
 
 
+def _error_step_costs(W, stats: Stats, ks, groups, segments: int, cfg, energy: float) -> list[float]:
+    """The "error" allocations' costs: the restored-error curve of the run's selection, relative to
+    the energy of the residual stream the projection adds to."""
+    return _error_costs(W, stats, ks, groups, segments, cfg.selection_damp, max(energy, 1e-30), cfg.selection)
+
+
 def _interp(x: torch.Tensor, y: torch.Tensor, x0: float) -> float:
     i = int(torch.searchsorted(x, torch.tensor(float(x0), dtype=x.dtype)))
     if i < len(x) and x[i] == x0:
@@ -137,7 +141,7 @@ def dense_costs(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -
         from .calibration import BlockMover
 
         mover = BlockMover(next(blocks[0].parameters()).device)
-    need_gram = cfg.allocation_kind in ERROR_KINDS
+    need_gram = ALLOCATIONS[cfg.allocation_kind].needs_gram
     per_block = []  # per block: (attn, mlp), each (kept counts, step costs, parameters per unit) or None
     steps_ = range(len(blocks))
     if cfg.progress:  # the dense pass takes a while on a CPU: say so (issue 14)
@@ -151,14 +155,7 @@ def dense_costs(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -
     energies = []
     for i in steps_:
         block = mover.fetch(blocks, i, device)
-        hooks, st_o, st_d = [], None, None
-        prec = cfg.gram_precision_on(device)
-        if cfg.attn_fraction > 0:
-            st_o = Stats.new(adapter.value_pair(block)[1].in_features, device, need_gram, precision=prec)
-            hooks.append(collect(adapter.value_pair(block)[1], st_o, norm=cfg.output_norm(adapter, block, "attn")))
-        if cfg.mlp_fraction > 0:
-            st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, device, need_gram, precision=prec)
-            hooks.append(collect(adapter.mlp_pair(block)[1], st_d, norm=cfg.output_norm(adapter, block, "mlp")))
+        (st_o, st_d), hooks = structure_stats(adapter, block, cfg, device, need_gram)
         with timer("allocation_forward"):
             outs = run_block(block, inputs.at(i), keep_outputs=True)
         for h in hooks:
@@ -215,12 +212,8 @@ def block_costs(adapter, block, mcfg, cfg, st_o: Stats | None, st_d: Stats | Non
         if len(ks) < 2:
             entry.append((ks, [], 1))
             continue
-        if cfg.allocation_kind in ERROR_KINDS:
-            energy = energy_in if which == "attn" else energy_out
-            costs = _error_costs(W, st, ks, groups, segments, cfg.selection_damp, max(energy, 1e-30),
-                                  cfg.selection)
-        else:
-            costs = _flap_costs(W, st, ks, groups, segments)
+        costs = ALLOCATIONS[cfg.allocation_kind].costs(W, st, ks, groups, segments, cfg,
+                                                      energy_in if which == "attn" else energy_out)
         entry.append((ks, costs, _unit_params(adapter, block, mcfg, which)))
     return entry
 
@@ -235,11 +228,11 @@ def decide(per_block: list[list], cfg, fixed: dict | None = None) -> list[dict]:
     stay as they are, and the others share what is left of the budget (``allocation_replan``)."""
     fixed = fixed or {}
 
-    kind = cfg.allocation_kind
+    kind = ALLOCATIONS[cfg.allocation_kind]
     parts = [(idx, key, frac, mult) for idx, key, frac, mult in
              ((0, "v_keep", cfg.attn_fraction, cfg.attn_multiple), (1, "mlp_keep", cfg.mlp_fraction, cfg.mlp_multiple))
              if frac > 0 and per_block[0][idx] is not None]
-    joint = kind in ("flap-am", "error-am")
+    joint = kind.joint
     groups_ = [parts] if joint else [[p] for p in parts]
     result = [{"v_keep": None, "mlp_keep": None} for _ in per_block]
     for group in groups_:
@@ -254,7 +247,7 @@ def decide(per_block: list[list], cfg, fixed: dict | None = None) -> list[dict]:
                     continue
                 keys.append((b, key))
                 steps.append(ks)
-                if kind == "error-am":  # a step's error per parameter it frees
+                if kind.per_parameter:  # a step's cost (error) per parameter it frees
                     c = [cj / max((ks[j] - ks[j + 1]) * unit, 1) for j, cj in enumerate(c)]
                 costs.append(c)
                 weights.append(w)
@@ -326,3 +319,20 @@ def _unit_params(adapter, block, mcfg, which: str) -> int:
         return kv * (v.in_features + (v.bias is not None)) + n * o.out_features
     ins, out = adapter.mlp_pair(block)
     return sum(lin.in_features + (lin.bias is not None) for lin in ins) + out.out_features
+
+
+# ----------------------------------------------------------------------------- the registered parts
+# (methods.ALLOCATIONS; the order is the command line's. Windows: docs/decisions.md)
+register_allocation(Allocation("uniform", help="every block alike"))
+register_allocation("error", needs_gram=True, windows=16, replans=True,
+                    help="restored-error curves ranked across blocks, per structure")(_error_step_costs)
+register_allocation("error-am", needs_gram=True, joint=True, per_parameter=True, windows=12, replans=True,
+                    per_structure="error",
+                    help="restored-error curves ranked across blocks and structures, per parameter")(_error_step_costs)
+register_allocation("flap", windows=32, help="FLAP's standardised fluctuation scores ranked across blocks")(
+    lambda W, stats, ks, groups, segments, cfg, energy: _flap_costs(W, stats, ks, groups, segments))
+register_allocation("flap-am", joint=True, windows=32, per_structure="flap",
+                    help="FLAP's scores ranked across blocks and structures")(
+    lambda W, stats, ks, groups, segments, cfg, energy: _flap_costs(W, stats, ks, groups, segments))
+#: the allocations that rank restored-error curves (they need the Gram matrices and stream energies)
+ERROR_KINDS = tuple(name for name, a in ALLOCATIONS.items() if a.needs_gram)

@@ -110,11 +110,14 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--attn-sparsity", type=float, default=None,
                    help="override the value-channel sparsity (default: --sparsity)")
     p.add_argument("--mlp-only", action="store_true", help="prune MLP neurons only")
-    p.add_argument("--method", default="fasp", help="fasp, wanda-sp, flap, depth2, magnitude, random")
-    p.add_argument("--selection", default="score", choices=["score", "obs", "spap"],
+    from . import methods  # the choices come from the registered parts (fasp_ext/methods.py)
+
+    # --method has no argparse choices: a bad name is PruneConfig's one-line error (exit 2)
+    p.add_argument("--method", default="fasp", help=", ".join(methods.choices(methods.METHODS)))
+    p.add_argument("--selection", default="score", choices=methods.choices(methods.SELECTIONS),
                    help="fasp: choose removed units by score, by greedy least-squares cost (obs), or by "
                         "SPAP-style alternating re-selection and re-fit under a growing penalty (spap); default: score")
-    p.add_argument("--allocation", default=None, choices=["uniform", "error", "error-am", "flap", "flap-am"],
+    p.add_argument("--allocation", default=None, choices=methods.choices(methods.ALLOCATIONS),
                    help="per-block sparsity: uniform, by restored-error curves across blocks (error) or across "
                         "blocks and modules with a parameter budget (error-am), FLAP's ranking across blocks (flap) "
                         "or across blocks and modules (flap-am) (default: the method's own; error-am for fasp, "

@@ -23,36 +23,61 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from . import allocation, distributed, ops
+from . import allocation, distributed, methods, ops
 from .adapters import Adapter, adapter_for
 from .adapters.base import _shrink_linear, new_linear
-from .damping import DEFAULT_GRID, choose_damp
-from .units import judged_weight, kept_count, value_groups  # noqa: F401 (importable from here too)
+from .damping import DEFAULT_GRID
+from .units import (STRUCTURES, judged_weight, kept_count, structure_stats,  # noqa: F401 (importable from here)
+                    value_groups)
+from .methods import restore_toward  # noqa: F401 (importable from here too)
 from .calibration import (GRAM_PRECISIONS, BlockInputs, BlockMover, Stats, capture_block_inputs, collect,
-                          fluctuation_scores, kept_linear, record, replay_attention, run_block)
+                          kept_linear, record, replay_attention, run_block)
 
 log = logging.getLogger("fasp_ext")
 
-METHODS = ("fasp", "wanda-sp", "flap", "depth2", "magnitude", "random")
 TOKEN_WEIGHTINGS = ("auto", "none")
-#: methods that restore the shrunken projection by least squares (and so need the Gram matrix)
-RESTORING = ("fasp", "depth2")
-SELECTIONS = ("score", "obs", "spap")
-#: per-block allocation each method uses unless told otherwise: FASP by the blocks' restored-error
-#: curves ranked across blocks and structures per parameter ("error-am"; with
-#: ``mlp_sparsity``/``attn_sparsity`` given, per structure, "error", so each total holds); FLAP ranks
-#: its standardised fluctuation scores across blocks, as its paper does; Wanda-sp, magnitude and
-#: random prune every block alike, as their papers do. The evidence: docs/decisions.md
-DEFAULT_ALLOCATION = {"fasp": "error-am", "flap": "flap", "wanda-sp": "uniform", "depth2": "uniform",
-                      "magnitude": "uniform", "random": "uniform"}
-#: calibration windows each allocation's dense pass uses by default (``allocation_samples=None``);
-#: why these counts: docs/decisions.md
-ALLOCATION_SAMPLES = {"error": 16, "error-am": 12, "flap": 32, "flap-am": 32}
+#: the parts a run is made of, by name (fasp_ext/methods.py; the allocations: fasp_ext/allocation.py)
+METHODS, SELECTIONS, ALLOCATIONS = methods.METHODS, methods.SELECTIONS, methods.ALLOCATIONS
+
+
+class _PartView(Mapping):
+    """A read-only ``{name: field}`` view of a registry, for the names this module has always had."""
+
+    def __init__(self, registry, field: str):
+        self._registry, self._field = registry, field
+
+    def _items(self) -> dict:
+        return {n: getattr(p, self._field) for n, p in self._registry.items() if getattr(p, self._field) is not None}
+
+    def __getitem__(self, name):
+        return self._items()[name]
+
+    def __iter__(self):
+        return iter(self._items())
+
+    def __len__(self):
+        return len(self._items())
+
+    def __repr__(self):
+        return repr(self._items())
+
+
+#: per-block allocation each method uses unless told otherwise (``Method.default_allocation``): FASP
+#: by the blocks' restored-error curves ranked across blocks and structures per parameter
+#: ("error-am"; with ``mlp_sparsity``/``attn_sparsity`` given, per structure, "error", so each total
+#: holds); FLAP ranks its standardised fluctuation scores across blocks, as its paper does;
+#: Wanda-sp, magnitude and random prune every block alike, as their papers do. The evidence:
+#: docs/decisions.md
+DEFAULT_ALLOCATION = _PartView(METHODS, "default_allocation")
+#: calibration windows each allocation's dense pass uses by default (``allocation_samples=None``,
+#: ``Allocation.windows``); why these counts: docs/decisions.md
+ALLOCATION_SAMPLES = _PartView(ALLOCATIONS, "windows")
 #: Gram precision per device type when ``PruneConfig.gram_precision`` is None (docs/gpu.md: the
 #: accuracy screen that decides the GPU's, bench/results/gram_precision_screen.md)
 GRAM_PRECISION_DEFAULT = {"cpu": "fp32", "cuda": "fp32"}
@@ -161,8 +186,6 @@ class PruneConfig:
                 continue
             if not isinstance(v, (int, float)) or not (0.0 <= float(v) < 1.0) or math.isnan(float(v)):
                 raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("allocation_samples", "allocation_seqlen"):  # allocation_samples None: the default
             v = getattr(self, name)
             if not (v is None and name == "allocation_samples") and int(v) < 0:
@@ -170,18 +193,9 @@ class PruneConfig:
         for name in ("mlp_multiple", "attn_multiple", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
-        if self.selection != "score" and self.method != "fasp":
-            raise ValueError(f"selection={self.selection!r} needs method 'fasp' (it uses the restoration), "
-                             f"got {self.method!r}")
-        if int(self.spap_rounds) < 1:
-            raise ValueError(f"spap_rounds must be >= 1, got {self.spap_rounds!r}")
-        if self.allocation is not None and self.allocation not in allocation.ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {', '.join(allocation.ALLOCATIONS)}, got {self.allocation!r}")
-        if self.allocation_replan and (self.one_pass or self.allocation_kind not in ("error", "error-am")):
-            raise ValueError("allocation_replan needs sequential mode (one_pass=False) and allocation 'error' or "
-                             f"'error-am', got one_pass={self.one_pass} and allocation {self.allocation_kind!r}")
+        # the method, selection, allocation and restoration: each part looked up and checking its own
+        # rules (fasp_ext/methods.py)
+        methods.check(self)
         mbs = self.max_block_sparsity
         if mbs is not None and (not isinstance(mbs, (int, float)) or not (0.0 < float(mbs) < 1.0)):
             raise ValueError(f"max_block_sparsity must be a number in (0, 1), got {mbs!r}")
@@ -190,10 +204,6 @@ class PruneConfig:
                              f"got {self.token_weighting!r}")
         if self.target not in ("pruned", "dense"):
             raise ValueError(f"target must be 'pruned' or 'dense', got {self.target!r}")
-        if self.target == "dense":
-            if self.method != "fasp" or self.one_pass or self.damp == "auto" or self.intercept:
-                raise ValueError("target='dense' needs method 'fasp', sequential mode (one_pass=False), a numeric "
-                                 "damp and intercept=False")
         if self.damp != "auto" and (not isinstance(self.damp, (int, float)) or not (self.damp >= 0.0)
                                     or math.isinf(self.damp)):
             raise ValueError(f"damp must be 'auto' or a finite number >= 0, got {self.damp!r}")
@@ -205,12 +215,12 @@ class PruneConfig:
     @property
     def restores(self) -> bool:
         """Whether the method refits the shrunken projection by least squares."""
-        return self.method in RESTORING
+        return methods.RESTORATIONS[METHODS[self.method].restoration].least_squares
 
     @property
     def fits_intercept(self) -> bool:
         """Whether the restoration also fits a bias shift (always for depth2's two-step reconstruction)."""
-        return self.intercept or self.method == "depth2"
+        return self.intercept or METHODS[self.method].intercept
 
     @property
     def allocation_kind(self) -> str:
@@ -218,9 +228,10 @@ class PruneConfig:
         fasp with ``mlp_sparsity`` or ``attn_sparsity`` given: "error", which keeps each structure's total)."""
         if self.allocation is not None:
             return self.allocation
-        kind = DEFAULT_ALLOCATION[self.method]
-        if kind == "error-am" and (self.mlp_sparsity is not None or self.attn_sparsity is not None):
-            return "error"
+        kind = METHODS[self.method].default_allocation
+        split = ALLOCATIONS[kind].per_structure
+        if split is not None and (self.mlp_sparsity is not None or self.attn_sparsity is not None):
+            return split
         return kind
 
     @property
@@ -234,7 +245,7 @@ class PruneConfig:
     def output_norm(self, adapter, block, which: str):
         """The norm whose scale weighs the tokens in the statistics of the ``which`` ("attn" or "mlp")
         output projection's inputs (``token_weighting``), None: every token alike."""
-        if self.token_weighting != "auto" or self.method != "fasp":
+        if self.token_weighting != "auto" or not METHODS[self.method].weighs_tokens:
             return None
         return adapter.output_norm(block, which)
 
@@ -334,33 +345,9 @@ class _Timer:
 # ----------------------------------------------------------------------------- selection + restore
 def _select(cfg: PruneConfig, W: torch.Tensor, stats: Stats, k: int, groups, segments: int,
             gen: torch.Generator) -> torch.Tensor:
-    """Kept unit indices (ascending) by ``cfg.method``; units are columns or rows of ``groups``."""
-    method = cfg.method
-    if method == "fasp" and cfg.selection == "obs":
-        from .selection import obs_select
-
-        return obs_select(W, stats.H, k, groups, segments, damp=cfg.selection_damp).to(W.device)
-    if method == "fasp" and cfg.selection == "spap":
-        from .selection import penalty_select
-
-        start = ops.score_select(W, stats.s, k, groups, segments)
-        return penalty_select(W, stats.H, k, groups, segments, damp=cfg.selection_damp,
-                              rounds=int(cfg.spap_rounds), start=start).to(W.device)
-    if method in ("fasp", "wanda-sp"):
-        return ops.score_select(W, stats.s, k, groups, segments)
-    if method == "magnitude":  # column L2 norm of W2 (activations ignored)
-        scores = W.float().pow(2).sum(0).sqrt()
-    elif method == "flap":
-        scores = fluctuation_scores(W, stats)
-    elif method == "depth2":  # second moment of the unit's output contribution: E||W[:, j] x_j||^2
-        scores = stats.s * W.float().pow(2).sum(0)
-    else:  # random
-        scores = torch.rand(W.shape[1], generator=gen).to(W.device)
-    if groups is not None:
-        scores = scores[groups].sum(1)
-    from .reference import select_top
-
-    return select_top(scores, k, segments)
+    """Kept unit indices (ascending) by ``cfg.selection``'s part with ``cfg.method``'s score
+    (fasp_ext/methods.py); units are columns or rows of ``groups``."""
+    return SELECTIONS[cfg.selection].select(cfg, METHODS[cfg.method], W, stats, k, groups, segments, gen)
 
 
 def _shift(H, mu, n, c):
@@ -368,27 +355,20 @@ def _shift(H, mu, n, c):
     return H - torch.outer(c, mu) - torch.outer(mu, c) + n * torch.outer(c, c), mu - n * c
 
 
-def _augment(H, mu, n):
-    """Statistics of [x, 1]: the Gram of the inputs with a constant column appended."""
-    m = H.shape[0]
-    Ha = torch.empty(m + 1, m + 1, device=H.device, dtype=H.dtype)
-    Ha[:m, :m] = H
-    Ha[:m, m] = mu
-    Ha[m, :m] = mu
-    Ha[m, m] = float(n)
-    return Ha
-
-
 def _restore(W: torch.Tensor, bias: torch.Tensor | None, stats: Stats, kept_cols: torch.Tensor,
              col_const: torch.Tensor | None, cfg: PruneConfig, restore: bool):
-    """New (W2', bias') for kept columns. ``col_const`` holds per-column constants of the input
-    (removed bias entries of the first map) that are folded into the bias exactly."""
+    """New (W2', bias') for kept columns, by the restoration part of ``cfg.method``
+    (fasp_ext/methods.py; ``restore``: whether it refits by least squares). ``col_const`` holds
+    per-column constants of the input (removed bias entries of the first map) that are folded into
+    the bias exactly."""
+    part = methods.RESTORATIONS[METHODS[cfg.method].restoration]
     m = W.shape[1]
     H, mu, n = stats.H, stats.mu, stats.n
     Hv, muv, nv = stats.H_val, stats.mu_val, stats.n_val
     new_bias = None if bias is None else bias.detach().float().clone()
-    if new_bias is None and (cfg.method == "flap" or (restore and cfg.fits_intercept)):
+    if new_bias is None and (part.adds_bias or (restore and cfg.fits_intercept)):
         new_bias = torch.zeros(W.shape[0], device=W.device)  # these fit a bias: the projection gets one
+    c = None
     if col_const is not None and new_bias is not None:
         removed_mask = torch.ones(m, dtype=torch.bool, device=W.device)
         removed_mask[kept_cols] = False
@@ -398,59 +378,7 @@ def _restore(W: torch.Tensor, bias: torch.Tensor | None, stats: Stats, kept_cols
             H, mu = _shift(H, mu, n, c)
             if Hv is not None:
                 Hv, muv = _shift(Hv, muv, nv, c)
-    info: dict = {"path": "none", "lam": 0.0}
-    if restore and stats.D is not None:  # toward the dense model's outputs
-        D = stats.D
-        if col_const is not None and new_bias is not None:  # the folded constants leave the target too
-            D = D - torch.outer(c, stats.mu)
-        out, lam = restore_toward(W, stats.H, D, kept_cols, float(cfg.damp))
-        info.update({"path": "cholesky-dense-target", "lam": lam, "damp": float(cfg.damp)})
-        return out.contiguous(), None if new_bias is None else new_bias.to(W.dtype), info
-    if cfg.method == "flap":  # removed inputs replaced by their calibration mean, moved into the bias
-        removed_mask = torch.ones(m, dtype=torch.bool, device=W.device)
-        removed_mask[kept_cols] = False
-        new_bias += W.float()[:, removed_mask] @ (mu[removed_mask] / max(n, 1))
-    if not restore or H is None:
-        return W[:, kept_cols].contiguous(), None if new_bias is None else new_bias.to(W.dtype), info
-    Wt, kept_t = W, kept_cols
-    if cfg.fits_intercept and new_bias is not None:
-        H = _augment(H, mu, n)
-        Hv = _augment(Hv, muv, nv) if Hv is not None else None
-        Wt = torch.cat([W.float(), new_bias.unsqueeze(1)], 1)
-        kept_t = torch.cat([kept_cols, torch.tensor([m], device=kept_cols.device)])
-    damp = cfg.damp
-    if damp == "auto":
-        damp, errors = choose_damp(Wt, H - Hv, Hv, kept_t, cfg.damp_grid)
-        info["heldout_error"] = {str(k): v for k, v in errors.items()}
-    out, rep = ops.restore(Wt, H, kept_t, float(damp), cfg.fp64)
-    info.update({"path": rep.path, "lam": rep.lam, "damp": float(damp)})
-    if Wt is not W:
-        out, new_bias = out[:, :-1], out[:, -1]
-    return out.to(W.dtype).contiguous(), None if new_bias is None else new_bias.to(W.dtype), info
-
-
-def restore_toward(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, kept: torch.Tensor, damp: float,
-                   max_retries: int = 4) -> tuple[torch.Tensor, float]:
-    """Kept columns refitted toward other targets: W' = (W D[:, S] + lam W[:, S]) (H[S, S] + lam I)^-1.
-
-    With D = sum x_target x^T this minimises sum ||W x_target - W' x_S||^2 + lam ||W' - W[:, S]||^2
-    (with D = H it is exactly ``ops.restore``). lam = damp * mean(diag H[S, S]), raised x10 (from a
-    tiny floor when damp is 0) until the Cholesky factorisation succeeds. Solved in float64.
-    """
-    Hs = H.index_select(0, kept).index_select(1, kept).double()
-    Wd = W.double()
-    scale = float(Hs.diagonal().mean().clamp_min(1e-30))
-    lam = float(damp) * scale
-    eye = torch.eye(Hs.shape[0], dtype=torch.float64, device=Hs.device)
-    for _ in range(max_retries + 1):
-        L, info = torch.linalg.cholesky_ex(Hs + lam * eye)
-        if int(info) == 0:
-            break
-        lam = max(lam * 10.0, 1e-8 * scale)
-    else:
-        raise RuntimeError("restore_toward: H[S, S] is not positive definite even after raising the damping")
-    rhs = Wd @ D.index_select(1, kept).double() + lam * Wd.index_select(1, kept)
-    return torch.cholesky_solve(rhs.t(), L).t().to(W.dtype), lam
+    return part.apply(methods.Fit(W, new_bias, stats, kept_cols, H, mu, n, Hv, muv, nv, c), cfg, restore)
 
 
 def _set_linear(lin: nn.Linear, W: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -509,6 +437,13 @@ def prune_mlp(adapter: Adapter, block: nn.Module, stats: Stats, cfg: PruneConfig
     new_out = _set_linear(out, Wn, bn)
     adapter.set_mlp_pair(block, [_shrink_linear(l, rows=kept) for l in ins], new_out)
     return {"mlp_width": k, "mlp_solver": info}, (kept, out, new_out)
+
+
+#: per structure: prune it from its statistics, ``(adapter, block, mcfg, stats, cfg, gen, keep) ->
+#: (report, change)``; change: the kept o_proj columns ("attn") or (kept, old, new projection) ("mlp"),
+#: None when nothing was removed
+_PRUNERS = {"attn": _prune_values,
+            "mlp": lambda adapter, block, mcfg, stats, cfg, gen, keep: prune_mlp(adapter, block, stats, cfg, gen, keep)}
 
 
 @torch.no_grad()
@@ -702,7 +637,7 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
     prune_attn = cfg.attn_fraction > 0
     prune_mlp_ = cfg.mlp_fraction > 0
     keeps = [{"v_keep": None, "mlp_keep": None} for _ in blocks]
-    allocate = cfg.allocation_kind != "uniform" and (prune_attn or prune_mlp_)
+    allocate = ALLOCATIONS[cfg.allocation_kind].costs is not None and (prune_attn or prune_mlp_)
     # one-pass mode: the allocation's statistics come from the one dense pass itself when every
     # block's statistics fit the store budget (kept until the allocation is decided)
     fold = allocate and cfg.one_pass and _one_pass_stats_bytes(adapter, blocks[0], cfg) * len(blocks) <= \
@@ -726,7 +661,7 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
     pre_stats = None
     if fold:
         keeps, pre_stats = _one_pass_allocate(adapter, blocks, mcfg, inputs, cfg, device, timer, mover,
-                                              prune_attn, prune_mlp_, int(cfg.val_every) if cfg.damp == "auto" else 0)
+                                              int(cfg.val_every) if cfg.damp == "auto" else 0)
     need_gram = cfg.restores
     dense_inputs = None
     if cfg.target == "dense" and not cfg.one_pass:
@@ -740,6 +675,39 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
     # instead of recomputing it (exact: calibration.replay_attention); within the same budget
     zo_bytes = tokens.numel() * adapter.value_pair(blocks[0])[1].in_features * elsize
     can_replay = prune_attn and zo_bytes + (z_bytes if can_correct else 0) <= store_budget
+    def prune_structure(s, block, i, inputs, info, dense_x, *, store, stop, keep_outputs=False,
+                        replay=contextlib.nullcontext, extra_hook=None):
+        """Prune one structure ``s`` (``units.STRUCTURES``) of block ``i`` in sequential mode: its
+        output projection's input statistics from one forward of the block (stopped there when
+        ``stop``; the inputs kept when ``store``; ``extra_hook(stats)`` adds a hook for that forward),
+        the kept count (decided again when replanning), then the selection and restoration. Returns
+        the statistics, the block's outputs (None unless ``keep_outputs``) and what the pruning changed."""
+        out = s.out(adapter, block)
+        keep = keeps[i][s.key]
+        # a structure the allocation keeps whole is left as it is: no Gram matrix for it (unless
+        # replanning may change that and has to see its curve)
+        whole = keep is not None and keep == s.full(adapter, block, mcfg) and \
+            not (replan and replanner.may_change(i, s.which))
+        st = Stats.new(out.in_features, device, (need_gram or replan) and not whole, store=store,
+                       val_every=val_every, precision=cfg.gram_precision_on(device))
+        st.store_device = inputs.hidden[0].device
+        st.dense = dense_x
+        hooks = [collect(out, st, stop=stop, norm=cfg.output_norm(adapter, block, s.which))]
+        if extra_hook is not None:
+            hooks.append(extra_hook(st))
+        with timer(f"forward_{s.phase}_stats"), replay():
+            outs = run_block(block, inputs, keep_outputs=keep_outputs)
+        for h in hooks:
+            h.remove()
+        st.reduce()
+        if replan:
+            with timer("allocation_costs"):
+                keeps[i][s.key] = replanner.decide(adapter, block, mcfg, i, s.which, st)
+        with timer(f"solve_{s.phase}"):
+            rep, change = _PRUNERS[s.which](adapter, block, mcfg, st, cfg, gen, keeps[i][s.key])
+        info.update(rep)
+        return st, outs, change
+
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -760,16 +728,16 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
                 with timer("solve"):
                     info.update(_one_pass_apply(adapter, block, mcfg, st_o, st_d, cfg, gen, keeps[i]))
             else:
-                info.update(_one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, prune_mlp_,
-                                            need_gram, val_every, keeps[i]))
+                info.update(_one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, need_gram, val_every,
+                                            keeps[i]))
             report.blocks.append(info)
             mover.release(blocks, i, block, final=True)
             continue
         x_dense = {"attn": None, "mlp": None}
         if dense_inputs is not None:  # the dense block on the dense stream: the restoration targets
             x_dense = {"attn": [] if prune_attn else None, "mlp": [] if prune_mlp_ else None}
-            hooks = [record(mod, x_dense[k]) for k, mod in (("attn", adapter.value_pair(block)[1]),
-                                                            ("mlp", adapter.mlp_pair(block)[1])) if x_dense[k] is not None]
+            hooks = [record(st_.out(adapter, block), x_dense[st_.which]) for st_ in STRUCTURES
+                     if x_dense[st_.which] is not None]
             with timer("forward_dense_target"):
                 dense_outs = run_block(block, dense_inputs, keep_outputs=True)
             for h in hooks:
@@ -778,27 +746,10 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
         replay = contextlib.nullcontext  # after pruning the attention: replays it from its stored inputs
         if replan:
             replanner.enter(i, inputs.hidden, device)
+        attn, mlp = STRUCTURES
         if prune_attn:
-            # a structure the allocation keeps whole is left as it is: no Gram matrix for it (unless
-            # replanning may change that and has to see its curve)
-            dv = adapter.value_pair(block)[0].out_features // adapter.head_geometry(mcfg)[1]
-            whole = keeps[i]["v_keep"] is not None and keeps[i]["v_keep"] == dv and \
-                not (replan and replanner.may_change(i, "attn"))
-            st = Stats.new(adapter.value_pair(block)[1].in_features, device, (need_gram or replan) and not whole,
-                           store=can_replay, val_every=val_every, precision=cfg.gram_precision_on(device))
-            st.store_device = inputs.hidden[0].device
-            st.dense = x_dense["attn"]
-            h = collect(adapter.value_pair(block)[1], st, stop=True, norm=cfg.output_norm(adapter, block, "attn"))
-            with timer("forward_attention_stats"):
-                run_block(block, inputs, keep_outputs=False)
-            h.remove()
-            st.reduce()
-            if replan:
-                with timer("allocation_costs"):
-                    keeps[i]["v_keep"] = replanner.decide(adapter, block, mcfg, i, "attn", st)
-            with timer("solve_attention"):
-                rep, kept_cols = _prune_values(adapter, block, mcfg, st, cfg, gen, keeps[i]["v_keep"])
-                info.update(rep)
+            st, _, kept_cols = prune_structure(attn, block, i, inputs, info, x_dense["attn"], store=can_replay,
+                                               stop=True)
             if can_replay:
                 replay = functools.partial(replay_attention, adapter.attention(block), adapter.o_name, st.store,
                                            kept_cols)
@@ -806,30 +757,13 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
         else:
             info["v_head_dim"] = adapter.value_head_dim(block, mcfg)
         if prune_mlp_:
-            ins, out = adapter.mlp_pair(block)
-            whole = keeps[i]["mlp_keep"] is not None and keeps[i]["mlp_keep"] == out.in_features and \
-                not (replan and replanner.may_change(i, "mlp"))
-            st = Stats.new(out.in_features, device, (need_gram or replan) and not whole, store=can_correct,
-                           val_every=val_every, precision=cfg.gram_precision_on(device))
-            st.store_device = inputs.hidden[0].device
-            st.dense = x_dense["mlp"]
             # with the correction the pass stops at the output projection, keeping its inputs and the
             # residual stream it is added to; the block's output is then computed from those
-            hooks = [collect(out, st, stop=can_correct, norm=cfg.output_norm(adapter, block, "mlp"))]
             h_mid: list[torch.Tensor] = []
-            if can_correct:
-                hooks.append(record(adapter.mlp_norm(block), h_mid, st.store_device))
-            with timer("forward_mlp_stats"), replay():
-                outs = run_block(block, inputs, keep_outputs=not can_correct)
-            for h in hooks:
-                h.remove()
-            st.reduce()
-            if replan:
-                with timer("allocation_costs"):
-                    keeps[i]["mlp_keep"] = replanner.decide(adapter, block, mcfg, i, "mlp", st)
-            with timer("solve_mlp"):
-                rep, change = prune_mlp(adapter, block, st, cfg, gen, keeps[i]["mlp_keep"])
-            info.update(rep)
+            mid = (lambda st: record(adapter.mlp_norm(block), h_mid, st.store_device)) if can_correct else None
+            st, outs, change = prune_structure(mlp, block, i, inputs, info, x_dense["mlp"], store=can_correct,
+                                               stop=can_correct, keep_outputs=not can_correct, replay=replay,
+                                               extra_hook=mid)
             with timer("propagate"):
                 if can_correct:
                     outs = _residual_outputs(h_mid, st.store, change[0] if change else None,
@@ -856,28 +790,19 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
     return report
 
 
-def _one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, prune_attn, prune_mlp_, need_gram,
-                    val_every, keep) -> dict:
+def _one_pass_block(adapter, block, mcfg, inputs, cfg, gen, timer, need_gram, val_every, keep) -> dict:
     """Both statistics from one dense forward of the block; the next block sees the dense output."""
     with timer("forward_stats"):
-        st_o, st_d = _one_pass_stats(adapter, block, inputs, cfg, prune_attn, prune_mlp_, need_gram, val_every)
+        st_o, st_d = _one_pass_stats(adapter, block, inputs, cfg, need_gram, val_every)
     with timer("solve"):
         return _one_pass_apply(adapter, block, mcfg, st_o, st_d, cfg, gen, keep)
 
 
-def _one_pass_stats(adapter, block, inputs, cfg, prune_attn, prune_mlp_, need_gram, val_every,
+def _one_pass_stats(adapter, block, inputs, cfg, need_gram, val_every,
                     on_outputs=None) -> tuple[Stats | None, Stats | None]:
     """Statistics of both output projections' inputs from one dense forward of ``block``, whose
     outputs replace ``inputs.hidden`` (``on_outputs(outs)`` sees them first)."""
-    hooks, st_o, st_d = [], None, None
-    if prune_attn:
-        st_o = Stats.new(adapter.value_pair(block)[1].in_features, block_device(block), need_gram,
-                         val_every=val_every, precision=cfg.gram_precision_on(block_device(block)))
-        hooks.append(collect(adapter.value_pair(block)[1], st_o, norm=cfg.output_norm(adapter, block, "attn")))
-    if prune_mlp_:
-        st_d = Stats.new(adapter.mlp_pair(block)[1].in_features, block_device(block), need_gram,
-                         val_every=val_every, precision=cfg.gram_precision_on(block_device(block)))
-        hooks.append(collect(adapter.mlp_pair(block)[1], st_d, norm=cfg.output_norm(adapter, block, "mlp")))
+    (st_o, st_d), hooks = structure_stats(adapter, block, cfg, block_device(block), need_gram, val_every)
     outs = run_block(block, inputs, keep_outputs=True)
     for h in hooks:
         h.remove()
@@ -908,16 +833,16 @@ def _one_pass_stats_bytes(adapter, block, cfg) -> int:
 
 
 @torch.no_grad()
-def _one_pass_allocate(adapter, blocks, mcfg, inputs, cfg, device, timer, mover, prune_attn, prune_mlp_,
+def _one_pass_allocate(adapter, blocks, mcfg, inputs, cfg, device, timer, mover,
                        val_every) -> tuple[list[dict], list[tuple]]:
     """One-pass mode with a non-uniform allocation: the one dense pass gathers every block's
     statistics, the allocation is decided from them (fasp_ext/allocation.py, with all calibration
     windows instead of the first ``allocation_samples``), and they are kept for the pruning, so no
     second dense pass runs. Returns the kept counts and the statistics per block."""
-    from .allocation import ERROR_KINDS, block_costs, decide, stream_energy
+    from .allocation import block_costs, decide, stream_energy
 
-    need_gram = cfg.restores or cfg.allocation_kind in ERROR_KINDS
-    energy = cfg.allocation_kind in ERROR_KINDS
+    energy = ALLOCATIONS[cfg.allocation_kind].needs_gram
+    need_gram = cfg.restores or energy
     per_block, stats = [], []
     steps_ = range(len(blocks))
     if cfg.progress:
@@ -931,8 +856,8 @@ def _one_pass_allocate(adapter, blocks, mcfg, inputs, cfg, device, timer, mover,
         def on_outputs(o):
             energies.append(stream_energy(o, device) if energy else 0.0)
         with timer("forward_stats"):
-            st_o, st_d = _one_pass_stats(adapter, block, inputs.at(i), cfg, prune_attn, prune_mlp_, need_gram,
-                                         val_every, on_outputs=on_outputs)
+            st_o, st_d = _one_pass_stats(adapter, block, inputs.at(i), cfg, need_gram, val_every,
+                                         on_outputs=on_outputs)
         with timer("allocation_costs"):
             per_block.append(block_costs(adapter, block, mcfg, cfg, st_o, st_d, energies[i], energies[i + 1]))
         stats.append((st_o, st_d))

@@ -77,3 +77,21 @@ STRUCTURES = (
     Structure("mlp", "mlp_keep", "mlp", lambda a, b: a.mlp_pair(b)[1],
               lambda a, b, mcfg: a.mlp_pair(b)[1].in_features),
 )
+
+
+def structure_stats(adapter, block: nn.Module, cfg, device, gram: bool, val_every: int = 0):
+    """One dense pass's statistics: per structure (``STRUCTURES`` order) a ``Stats`` of its output
+    projection's inputs on ``device`` (None where ``cfg`` does not prune it), and the hooks that
+    collect them (remove them after the forward)."""
+    from .calibration import Stats, collect
+
+    stats, hooks = [], []
+    for s in STRUCTURES:
+        if not s.fraction(cfg) > 0:
+            stats.append(None)
+            continue
+        out = s.out(adapter, block)
+        st = Stats.new(out.in_features, device, gram, val_every=val_every, precision=cfg.gram_precision_on(device))
+        hooks.append(collect(out, st, norm=cfg.output_norm(adapter, block, s.which)))
+        stats.append(st)
+    return stats, hooks
