@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gen", type=int, default=128, help="decoded tokens per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nsamples", type=int, default=128, help="calibration windows of the pruning runs")
-    ap.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    ap.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (512 as in the quality results)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "fasp_ext" / "bench_llamacpp"),
                     help="folder for the pruned models and GGUF files (kept between runs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "llamacpp_cpu.md"),
