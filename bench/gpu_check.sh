@@ -119,12 +119,28 @@ for family in ("llama", "gemma3_text"):
         n8, m8 = waits(lambda: pipeline.prune(tiny_family(family).to(dev), random_tokens(2, 16).repeat(4, 1), cfg()), True)
         ok &= n2 == n8
         prunes.append(f"| {family} | {'one-pass' if one_pass else 'sequential'} | {n2} | {n8} | {m2} / {m8} |")
+# the model's placements (pipeline.plan_placement, forced): the same pruned model, and it ends at home
+import os
+places, ref = [], None
+for place in ("blocks", "resident", "prefetch"):
+    os.environ["FASP_EXT_PLACEMENT"] = place
+    m = tiny_family("llama")  # on the CPU: the run moves it
+    pipeline.prune(m, random_tokens(4, 16), pipeline.PruneConfig(sparsity=0.3, progress=False, device="cuda"))
+    home = all(t.device.type == "cpu" for t in m.state_dict().values())
+    sd = m.state_dict()
+    ref = sd if ref is None else ref
+    same = sd.keys() == ref.keys() and all(torch.equal(ref[k], sd[k]) for k in ref)
+    ok &= home and same
+    places.append(f"| {place} | {'yes' if home else 'NO'} | {'yes' if same else 'NO'} |")
+os.environ.pop("FASP_EXT_PLACEMENT")
 text = "\n".join(["# Host waits on CUDA (torch.cuda.set_sync_debug_mode, bench/gpu_check.sh)", "",
                   "| op | waits per call | declared (ops.HOST_SYNCS) |", "|---|---|---|", *rows, "",
                   "Whole prunes of the tiny test models (3 blocks), model and windows on the GPU, 1 window a batch;",
                   "2 windows, and the same 2 repeated 4 times (the same decisions): a wait per batch would differ.", "",
                   "| model | mode | fasp_ext's waits, 2 windows | 8 windows | the model code's own, 2 / 8 |",
-                  "|---|---|---|---|---|", *prunes, ""])
+                  "|---|---|---|---|---|", *prunes, "",
+                  "Placements of a host model pruned on the GPU (FASP_EXT_PLACEMENT), against block by block:", "",
+                  "| placement | model back on the CPU | pruned model equal to blocks' |", "|---|---|---|", *places, ""])
 open(sys.argv[1], "w").write(text)
 print(text)
 sys.exit(0 if ok else 1)
