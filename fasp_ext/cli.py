@@ -307,6 +307,10 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     args.dtype_name = _dtype_name(args.dtype, folder)
     if folder is not None:
         mconf, n_params = check_model_folder(folder)
+        if mconf.get("quantization_config"):  # packed integer weights: nothing to fit a least-squares solve to
+            method = (mconf["quantization_config"] or {}).get("quant_method", "?")
+            raise UserError(f"--model: {folder} holds quantised weights ({method}); prune the unquantised checkpoint "
+                            f"and quantise the result (FASPModifier first in an llm-compressor recipe)")
         Checkpoint(folder, getattr(torch, args.dtype_name), arg="--model").skeleton()  # config against weights
         if isinstance(mconf.get("text_config"), dict):  # a multimodal model: its language model's sizes
             mconf = mconf["text_config"]

@@ -964,3 +964,12 @@ def test_python_load_model_keeps_the_checkpoints_dtype(bf16_world):
 
     assert models.load_model(str(bf16_world / "model"))[0].dtype == torch.bfloat16
     assert models.load_model(str(bf16_world / "model"), dtype=torch.float32)[0].dtype == torch.float32
+
+
+def test_a_quantised_checkpoint_is_refused_by_prune(world, capsys, monkeypatch):
+    cfg = json.loads((world / "model" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+    (world / "model" / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr("fasp_ext.models.load_model", _must_not_load)
+    rc, _, err = run_cli(world, prune_args(world, world / "o"), capsys)
+    assert rc == 2 and "quantised" in err and "--model" in err and not (world / "o").exists()
