@@ -1,6 +1,8 @@
 """Rank pruning methods side by side on the same model, calibration data and evaluation texts.
 
-A method spec is ``name`` or ``name:key=value,key=value`` where keys are PruneConfig fields, e.g.
+A method spec is ``name`` or ``name:key=value,key=value``, where ``name`` is a registered method
+(fasp_ext/methods.py: the built-in ones, or one registered with ``register_method``) and keys are
+PruneConfig fields, e.g.
 ``fasp``, ``fasp:damp=auto``, ``fasp:intercept=true``, ``wanda-sp``, ``magnitude``, ``fasp:one_pass=true``,
 ``fasp:allocation=uniform`` (FASP as the paper runs it: every block pruned alike), ``fasp:selection=spap``.
 """
