@@ -87,16 +87,17 @@ class RestoreReport:
 #: csrc/cuda/common.cuh; tests/test_sync_budget.py checks both and counts these per call during a
 #: prune). ``accumulate_stats`` raises on NaN/Inf, so it reads its flag back; the pipeline calls
 #: ``accumulate_stats_deferred`` on a GPU instead, whose flag stays on the device until the
-#: statistics are used (``Stats.reduce``). ``restore``: its checks and one read per factorisation
-#: attempt (two on the common path: one attempt).
+#: statistics are used (``Stats.reduce``). ``restore``: one read of its checks with the first
+#: factorisation's status (one more per retry). The plain-torch fallbacks (``fasp_ext_ref``, on a
+#: GPU without the compiled library) read more, as fasp_ext/reference.py is written.
 HOST_SYNCS = {
     "fasp_ext::accumulate_stats": 1,
     "fasp_ext::accumulate_stats_deferred": 0,
     "fasp_ext::score_select": 1,
-    "fasp_ext::restore": 2,
+    "fasp_ext::restore": 1,
     "fasp_ext_ref::accumulate_stats": 1,
-    "fasp_ext_ref::score_select": 1,
-    "fasp_ext_ref::restore": 2,
+    "fasp_ext_ref::score_select": 2,
+    "fasp_ext_ref::restore": 9,
 }
 
 #: the message of a batch with NaN/Inf (the ops' own, reference.accumulate_stats)

@@ -44,8 +44,9 @@ inline constexpr HostSync kHostSyncs[] = {
      "accumulate_stats_deferred on a GPU, which has none)"},
     {"score_select.flag", "score_select", 1, "every call: index range and NaN/Inf checks"},
     {"restore.checks", "restore", 1,
-     "every call: kept in range and increasing, W and H finite, mean(diag H[S, S])"},
-    {"restore.attempt", "restore", 1, "each factorisation attempt: its status and finiteness"},
+     "every call: kept in range and increasing, W and H finite, mean(diag H[S, S]), with the first "
+     "factorisation's status and the finiteness of its solve"},
+    {"restore.attempt", "restore", 0, "each retry with a raised lambda (none on the common path)"},
     {"restore.eigen", "restore", 0, "the eigen fallback only: linalg_eigh checks its result"},
 };
 
