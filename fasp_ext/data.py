@@ -101,10 +101,16 @@ def _read_file(p: Path, max_chars: Optional[int], info: Optional[dict]) -> str:
     with open(p, "r", encoding="utf-8", errors="replace") as f:
         if max_chars is None:
             return f.read()
-        text = f.read(max_chars)
-        if f.read(1) and info is not None:
+        parts, left = [], int(max_chars)
+        while left > 0:  # in pieces: read(n) may reserve n characters up front, whatever the file holds
+            piece = f.read(min(left, 1 << 20))
+            if not piece:
+                break
+            parts.append(piece)
+            left -= len(piece)
+        if left <= 0 and f.read(1) and info is not None:
             info["truncated"] = True
-        return text
+        return "".join(parts)
 
 
 def _read_path(p: Path, max_chars: Optional[int] = None, info: Optional[dict] = None) -> str:
