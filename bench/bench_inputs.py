@@ -169,6 +169,9 @@ def main(argv=None) -> int:
     lines = ["# Hostile and huge inputs, block-by-block loading: peak memory (bench/bench_inputs.py)", "",
              f"`python bench/bench_inputs.py --cases {' '.join(args.cases)}`; one run each; peak RSS of the "
              f"`fasp-ext prune` process from the kernel (rusage).", "",
+             f"The 4 GB cases (a random LLaMA, 60 blocks of hidden 1024, fp32) calibrate on {args.big_nsamples} x "
+             f"{args.big_seqlen} tokens: the calibration hidden states add 2 x tokens x hidden x 4 bytes to them "
+             f"(2 GiB at the CLI's default 128 x 2048).", "",
              "| case | exit | seconds | peak RSS (GB) | note |", "| --- | --- | --- | --- | --- |"]
     for case, r in rows.items():
         note = " / ".join(r["stderr_lines"])[:160].replace("|", "\\|")

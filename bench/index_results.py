@@ -70,6 +70,9 @@ PRODUCED = {
                          "bench/results/screen20_smollm2.json fasp:allocation_samples=16 fasp:one_pass "
                          "fasp:max_block_sparsity=0.25 --sparsities 0.2"),
     "magnitude_diagnosis": ("why magnitude pruning destroys SmolLM2", "python bench/magnitude_diagnosis.py"),
+    "inputs_cpu": ("peak memory of hostile and huge inputs (/dev/zero, a binary file, a FIFO, a 5 GB text) "
+                   "and of block-by-block pruning of a 4 GB checkpoint (docs/memory.md)",
+                   "python bench/bench_inputs.py --cases lazy dev-zero binary fifo text-5mb text-5gb"),
     "ops_cuda": ("the ops on a GPU", "bash bench/gpu_check.sh (python bench/bench_ops.py --device cuda)"),
     "e2e_cuda": ("pruning time on a GPU, SmolLM2's shapes at 128 x 512", "bash bench/gpu_check.sh"),
     "e2e_cuda_2048": ("pruning time on a GPU, OPT-125M's shape at 128 x 2048", "bash bench/gpu_check.sh"),
