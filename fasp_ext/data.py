@@ -118,17 +118,22 @@ def _read_path(p: Path, max_chars: Optional[int] = None, info: Optional[dict] = 
         files = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() == ".txt")
         if not files:
             raise FileNotFoundError(f"text directory {str(p)!r} contains no .txt files")
-        parts, left = [], max_chars
-        for q in files:
-            if left is not None and left <= 0:
-                if info is not None:
-                    info["truncated"] = True
-                break
-            parts.append(_read_file(q, left, info))
-            if left is not None:
-                left -= len(parts[-1]) + 2
-        return "\n\n".join(parts)
+        return _join_within(files, lambda q, left: _read_file(q, left, info), max_chars, info)
     return _read_file(p, max_chars, info)
+
+
+def _join_within(items, read, max_chars: Optional[int], info: Optional[dict]) -> str:
+    """``read(item, chars_left)`` of each item joined by "\n\n", all of them within ``max_chars``."""
+    parts, left = [], max_chars
+    for item in items:
+        if left is not None and left <= 0:
+            if info is not None:
+                info["truncated"] = True
+            break
+        parts.append(read(item, left))
+        if left is not None:
+            left -= len(parts[-1]) + 2
+    return "\n\n".join(parts)
 
 
 def load_text(spec: str, split: str = "eval", max_chars: Optional[int] = None, info: Optional[dict] = None) -> str:
@@ -162,16 +167,8 @@ def load_text(spec: str, split: str = "eval", max_chars: Optional[int] = None, i
         parts = [s.strip() for s in spec.split(",") if s.strip()]
         if not parts:
             raise ValueError(f"text spec {spec!r} lists nothing")
-        out, left = [], max_chars
-        for part in parts:
-            if left is not None and left <= 0:
-                if info is not None:
-                    info["truncated"] = True
-                break
-            out.append(load_text(part, split=split, max_chars=left, info=info))
-            if left is not None:
-                left -= len(out[-1]) + 2
-        return "\n\n".join(out)
+        return _join_within(parts, lambda part, left: load_text(part, split=split, max_chars=left, info=info),
+                            max_chars, info)
     low = spec.lower()
     if low == "austen" or low.startswith("austen:"):
         book = spec.split(":", 1)[1].strip() if ":" in spec else "all"
