@@ -70,6 +70,13 @@ PRODUCED = {
                          "bench/results/screen20_smollm2.json fasp:allocation_samples=16 fasp:one_pass "
                          "fasp:max_block_sparsity=0.25 --sparsities 0.2"),
     "magnitude_diagnosis": ("why magnitude pruning destroys SmolLM2", "python bench/magnitude_diagnosis.py"),
+    "gram_precision_screen": ("bf16 against fp32 Gram inputs, both real models at 20/30 % (docs/gpu.md)",
+                              "its own page names the commands (the gram_precision_* compares)"),
+    "gram_precision_smollm2": ("the screen's SmolLM2 rows, 20 and 30 %", "see gram_precision_screen.md"),
+    "gram_precision_gemma3": ("the screen's Gemma3-270M rows at 20 %", "see gram_precision_screen.md"),
+    "gram_precision_gemma3_30": ("the screen's Gemma3-270M rows at 30 %", "see gram_precision_screen.md"),
+    "mlp_multiple_smollm2": ("what MLP widths in multiples of 32 (q8_0 GGUF) cost SmolLM2 at 20 % (docs/serving.md)",
+                             "the fasp-ext compare command in docs/serving.md (fasp:mlp_multiple=32)"),
     "inputs_cpu": ("peak memory of hostile and huge inputs (/dev/zero, a binary file, a FIFO, a 5 GB text) "
                    "and of block-by-block pruning of a 4 GB checkpoint (docs/memory.md)",
                    "python bench/bench_inputs.py --cases lazy dev-zero binary fifo text-5mb text-5gb"),
