@@ -77,6 +77,8 @@ PRODUCED = {
     "gram_precision_gemma3_30": ("the screen's Gemma3-270M rows at 30 %", "see gram_precision_screen.md"),
     "mlp_multiple_smollm2": ("what MLP widths in multiples of 32 (q8_0 GGUF) cost SmolLM2 at 20 % (docs/serving.md)",
                              "the fasp-ext compare command in docs/serving.md (fasp:mlp_multiple=32)"),
+    "e2e_cpu_ab": ("CPU pruning time before and after the GPU-path changes, A/B on SmolLM2 (issue 28)",
+                   "python bench/bench_e2e.py --models smollm2 --nsamples 32 --repeats 1, alternating 80cd33f and ffdd694"),
     "inputs_cpu": ("peak memory of hostile and huge inputs (/dev/zero, a binary file, a FIFO, a 5 GB text) "
                    "and of block-by-block pruning of a 4 GB checkpoint (docs/memory.md)",
                    "python bench/bench_inputs.py --cases lazy dev-zero binary fifo text-5mb text-5gb"),
