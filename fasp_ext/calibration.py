@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import distributed, ops
+from . import distributed, ops, spill
 
 
 class _Stop(Exception):
@@ -117,7 +117,8 @@ def _move(model: nn.Module, device, skip: nn.Module | None = None) -> None:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int,
-                         device: torch.device, offload: bool = False) -> BlockInputs:
+                         device: torch.device, offload: bool = False,
+                         folder: spill.SpillFolder | None = None) -> BlockInputs:
     """Run the model up to its blocks for every calibration batch, keeping what block 0 receives and
     the keyword arguments every block receives.
 
@@ -126,10 +127,11 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.
     ``device``, and each block gets exactly the arguments the model computes for it (its layer type's
     mask, sliding window and position embeddings). The arguments do not depend on the hidden states,
     only on the batch shape: they are kept once per shape. All keyword arguments are kept, as the
-    arguments a decoder block receives change between transformers versions.
+    arguments a decoder block receives change between transformers versions. With ``folder`` the
+    hidden states go to files there as they come (fasp_ext/spill.py), not to memory.
     """
     saved = list(blocks)
-    hidden: list[torch.Tensor] = []
+    hidden = folder.batches() if folder is not None else []
     per_block: list[list[dict]] = [[] for _ in saved]
     by_shape: dict[tuple, dict] = {}
     memo: dict = {}
@@ -165,7 +167,9 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.
     if len(set(seen)) != 1 or seen[0] != len(hidden):
         raise RuntimeError(f"fasp_ext: the model did not run every decoder block once per batch ({seen}); "
                            "please report")
-    return BlockInputs([_place(h, device, offload) for h in hidden], per_block[0], per_block)
+    if folder is None:
+        hidden = [_place(h, device, offload) for h in hidden]
+    return BlockInputs(hidden, per_block[0], per_block)
 
 
 def _place(h: torch.Tensor, device, offload: bool) -> torch.Tensor:
@@ -412,7 +416,7 @@ def collect(module: nn.Module, stats: Stats, stop: bool = False, norm: nn.Module
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, keep_outputs: bool = True) -> list[torch.Tensor] | None:
     """Run ``block`` on every calibration batch; a hook may end a pass early (then no output)."""
-    outs = []
+    outs = spill.empty_like(inputs.hidden)
     dev = next(block.parameters()).device
     for h, kw in zip(inputs.hidden, inputs.kwargs):
         try:  # hidden states kept in host memory come over one batch at a time, and go back
@@ -502,6 +506,10 @@ class BlockMover:
     checkpoint at its turn instead and writes and frees it when it is done, so only one block is
     ever materialised. ``final`` says the block is pruned and will not be needed again.
     """
+
+    #: whether blocks are loaded one at a time (lazy loading): activations="auto" then keeps the
+    #: calibration activations on disk (fasp_ext/spill.py)
+    block_by_block = False
 
     def __init__(self, home: torch.device):
         self.home = home

@@ -160,6 +160,13 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration hidden states in host memory (pinned) and move one batch at a time "
                         "to --device: GPU memory then holds one block and one batch")
+    p.add_argument("--activations", default="auto", choices=["auto", "memory", "disk"],
+                   help="where the calibration hidden states kept on the host live: in memory, or on disk (files "
+                        "in a temporary folder, one batch in memory at a time; removed at the end); auto (default): "
+                        "on disk when pruning block by block and they come to 64 MiB or more")
+    p.add_argument("--activations-dir", default=None,
+                   help="folder for --activations disk files (a new subfolder, removed at the end; default: the "
+                        "output's temporary folder when pruning block by block, else the system's temporary folder)")
     p.add_argument("--gram-precision", default=None, choices=["fp32", "tf32", "bf16"],
                    help="what the statistics' Gram updates multiply for fp32 activations, always summed in fp32: "
                         "fp32, tf32 (tensor-core products) or bf16 (inputs rounded to bfloat16); default: fp32 "
@@ -190,7 +197,8 @@ def _config_from(args):
                       allocation=args.allocation, max_block_sparsity=args.max_block_sparsity, target=args.target,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
                       offload_activations=args.offload_activations, token_weighting=args.token_weighting,
-                      gram_precision=args.gram_precision,
+                      gram_precision=args.gram_precision, activations=args.activations,
+                      activations_dir=args.activations_dir,
                       allocation_samples=args.allocation_samples, allocation_replan=args.allocation_replan)
     if args.damp is not None:
         cfg.damp = _parse_damp(args.damp)
@@ -270,6 +278,19 @@ def _check_activation_memory(args, hidden) -> None:
                         f"about {need / 2**30:.1f} GiB, more than this machine's {ram / 2**30:.1f} GiB of memory")
 
 
+def _check_activations_dir(d) -> None:
+    """--activations-dir names a writable folder (or one that can be made)."""
+    if d is None:
+        return
+    p = Path(d).expanduser()
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"--activations-dir: {p} is not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"--activations-dir: {p} is not writable")
+
+
 def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> dict:
     import torch
 
@@ -292,6 +313,7 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
     # modelling code is imported; files are read only as far as the run needs
     calib_text = _read_text("calib", calib, data.calibration_char_budget(args.nsamples, args.seqlen), split="calib")
     eval_texts = {e: _read_text("eval", e, data.eval_char_budget(args.seqlen, args.eval_windows)) for e in evals}
+    _check_activations_dir(args.activations_dir)
     folder = _local_model_folder(model_spec)
     lazy = getattr(args, "lazy", False)
     if lazy and evals and distributed.active():
@@ -317,7 +339,8 @@ def run_prune(args, model_spec: str, calib: str, out: str, evals: list[str]) -> 
         ctx = mconf.get("max_position_embeddings")
         if isinstance(ctx, int) and args.seqlen > ctx:
             raise UserError(f"--seqlen {args.seqlen} exceeds the model's context of {ctx} tokens")
-        _check_activation_memory(args, mconf.get("hidden_size"))
+        if not (lazy and args.activations != "memory"):  # on disk, spill.check_space checks the disk
+            _check_activation_memory(args, mconf.get("hidden_size"))
     protected = ([folder] if folder is not None else []) + _text_paths([calib, *evals])
     outp = check_out(out, args.overwrite, protected)
     if n_params:

@@ -4,14 +4,17 @@
 what lies outside the decoder blocks (embeddings, final norm, LM head), and hands the generic
 pipeline a :class:`LazyBlocks` mover: block ``i`` is read from the safetensors files when a pass
 reaches it, run and pruned on the compute device, then written to the output shards and freed.
-Peak host memory is about the embeddings and LM head + one block + the calibration activations and
-statistics, whatever the depth. The output is an ordinary sharded checkpoint (``model-*-of-*.safetensors``
+Peak host memory is about the embeddings (until the block inputs are captured) + one block + one
+calibration batch's activations + the statistics, whatever the depth and the calibration size: the
+calibration hidden states go to files in the output's temporary folder (``activations="auto"``,
+fasp_ext/spill.py). The output is an ordinary sharded checkpoint (``model-*-of-*.safetensors``
 + ``model.safetensors.index.json``), published atomically like every fasp_ext output, and equal to
 what in-memory pruning of the same model writes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -116,6 +119,8 @@ class LazyBlocks(BlockMover):
     frees it again (after handing it to ``writer`` when it is final). ``materialised`` counts the
     blocks holding real storage at any moment; ``peak_materialised`` is the most there ever were.
     """
+
+    block_by_block = True
 
     def __init__(self, folder, dtype: torch.dtype | None = None):
         from .adapters import adapter_for
@@ -243,9 +248,10 @@ def prune_checkpoint(folder, out, calibration, config=None, dtype: torch.dtype |
     ``dtype``: the dtype to prune and store in (default: the checkpoint's, by its safetensors headers).
     ``evaluate(folder) -> dict``, when given, is called on the written result before it is published
     (weights, config and tokenizer in place); what it returns goes into the report and model card."""
-    from .pipeline import prune
+    from .pipeline import PruneConfig, prune
 
     folder = Path(folder).expanduser()
+    config = config or PruneConfig()
     t0 = time.perf_counter()
     lazy = LazyBlocks(folder, dtype)
     t_load = time.perf_counter() - t0
@@ -255,6 +261,9 @@ def prune_checkpoint(folder, out, calibration, config=None, dtype: torch.dtype |
     out_folder = OutputFolder(out, overwrite=overwrite, protected=(folder, *protected), arg="out")
     with out_folder as tmp:
         lazy.writer = ShardWriter(tmp, max_shard_bytes)
+        if config.activations != "memory" and config.activations_dir is None:
+            # activations on disk go with the output (its file system, swept with it after a crash)
+            config = dataclasses.replace(config, activations_dir=str(tmp))
         report = prune(lazy.model, calibration, config, mover=lazy)
         t1 = time.perf_counter()
         lazy.write_rest()

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import allocation, distributed, methods, ops
+from . import allocation, distributed, methods, ops, spill
 from .adapters import Adapter, adapter_for
 from .adapters.base import _shrink_linear, new_linear
 from .damping import DEFAULT_GRID
@@ -81,6 +81,9 @@ ALLOCATION_SAMPLES = _PartView(ALLOCATIONS, "windows")
 #: Gram precision per device type when ``PruneConfig.gram_precision`` is None (docs/gpu.md: the
 #: accuracy screen that decides the GPU's, bench/results/gram_precision_screen.md)
 GRAM_PRECISION_DEFAULT = {"cpu": "fp32", "cuda": "fp32"}
+
+#: ``PruneConfig.activations``
+ACTIVATIONS = ("auto", "memory", "disk")
 
 
 @dataclass
@@ -165,6 +168,14 @@ class PruneConfig:
     #: keep the calibration hidden states (and the correction's stored inputs) in host memory, pinned
     #: on a GPU, and bring one batch at a time to the compute device (docs/memory.md)
     offload_activations: bool = False
+    #: where the calibration activations kept on the host live: "memory", "disk" (a file per list of
+    #: batches in a new folder under ``activations_dir``, one batch in memory at a time; the folder is
+    #: removed at the end: fasp_ext/spill.py, docs/memory.md) or "auto" (disk when pruning block by
+    #: block, ``prune_checkpoint``, and they exceed ``spill.AUTO_MIN_BYTES``; memory otherwise)
+    activations: str = "auto"
+    #: the folder "disk" activations go under (None: the system's temporary folder; block-by-block
+    #: pruning puts them in its output's temporary folder, on the output's file system)
+    activations_dir: str | None = None
     #: what the Gram updates multiply on fp32 activations: "fp32", "tf32" (TF32 tensor-core
     #: products) or "bf16" (inputs rounded to bfloat16), always summed in fp32; None: the device's
     #: default, ``GRAM_PRECISION_DEFAULT`` (fp32 on a CPU, where the others are only emulated:
@@ -202,6 +213,8 @@ class PruneConfig:
         if self.token_weighting not in TOKEN_WEIGHTINGS:
             raise ValueError(f"token_weighting must be one of {', '.join(TOKEN_WEIGHTINGS)}, "
                              f"got {self.token_weighting!r}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
         if self.target not in ("pruned", "dense"):
             raise ValueError(f"target must be 'pruned' or 'dense', got {self.target!r}")
         if self.damp != "auto" and (not isinstance(self.damp, (int, float)) or not (self.damp >= 0.0)
@@ -286,6 +299,10 @@ class PruneReport:
     #: processes that shared the calibration windows (torch.distributed) and the tokens each one saw
     world_size: int = 1
     tokens_per_rank: list[int] = field(default_factory=list)
+    #: where the calibration activations were kept ("memory" or "disk", ``PruneConfig.activations``)
+    #: and, on disk, how many bytes were written to their files over the run
+    activations: str = "memory"
+    activations_written_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -452,12 +469,13 @@ def _residual_outputs(h_mid: list[torch.Tensor], z_batches: list[torch.Tensor], 
     """Outputs of a pre-norm block whose MLP output is added to the residual stream last, per batch:
     ``h_mid + down(z[..., kept])``, what the block computes with its pruned MLP (the kept neurons'
     activations are unchanged by removing the others), in the model's dtype, shaped like ``like``."""
-    res = []
+    res = spill.empty_like(like)
     dev = down.weight.device
-    project = kept_linear(down, kept, z_batches[0].shape[-1]) if z_batches else down
-    for h, z, x in zip(h_mid, z_batches, like):  # on the projection's device, wherever the batches are kept
+    project = kept_linear(down, kept, spill.batch_shape(z_batches)[-1]) if len(z_batches) else down
+    home = spill.batches_device(like) if len(like) else dev
+    for j, (h, z) in enumerate(zip(h_mid, z_batches)):  # on the projection's device, wherever the batches are kept
         y = h.to(dev) + project(z.to(dev))
-        res.append(y.view(x.shape).to(x.device))
+        res.append(y.view(spill.batch_shape(like, j)).to(home))
     return res
 
 
@@ -596,16 +614,41 @@ def prune(model: nn.Module, calibration, config: PruneConfig | None = None,
         from .calibration import PrefetchMover
 
         mover = PrefetchMover(home, device)
+    folder = _spill_folder(model, calibration, cfg, device, mover)
     try:
-        return _prune(model, calibration, cfg, mover, place.store_budget_bytes)
+        return _prune(model, calibration, cfg, mover, place.store_budget_bytes, folder)
     finally:
+        if folder is not None:
+            folder.close()
         if place.resident:
             mover.unload(model)
 
 
+def _spill_folder(model: nn.Module, calibration, cfg: PruneConfig, device: torch.device,
+                  mover: BlockMover | None) -> spill.SpillFolder | None:
+    """The folder the calibration activations go to (``cfg.activations``), or None (in memory).
+    "auto" spills when the blocks are loaded one at a time (``mover.block_by_block``) and the hidden
+    states in and out of a block, kept on the host, come to ``spill.AUTO_MIN_BYTES`` or more."""
+    p = next(model.parameters())
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    width = getattr(emb, "embedding_dim", 0) or 0
+    stream = 2 * _as_tokens(calibration).numel() * width * p.element_size()
+    on_host = device.type == "cpu" or cfg.offload_activations
+    if cfg.activations == "memory" or (cfg.activations == "auto" and not (
+            getattr(mover, "block_by_block", False) and on_host and stream >= spill.AUTO_MIN_BYTES)):
+        return None
+    folder = spill.SpillFolder(cfg.activations_dir)
+    try:
+        spill.check_space(folder, stream)
+    except ValueError:
+        folder.close()
+        raise
+    return folder
+
+
 def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | None,
-           store_budget: int) -> PruneReport:
-    """``prune`` with the mover and the store budget decided."""
+           store_budget: int, folder: spill.SpillFolder | None = None) -> PruneReport:
+    """``prune`` with the mover, the store budget and where the activations live decided."""
     adapter = adapter_for(model)
     tokens = _as_tokens(calibration)
     _check_token_range(tokens, model)
@@ -633,7 +676,8 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
         report.token_weighting = "auto"
     biased_before = _biased_linears(model)
     with timer("capture"):
-        inputs = capture_block_inputs(model, blocks, tokens, cfg.batch_size, device, cfg.offload_activations)
+        inputs = capture_block_inputs(model, blocks, tokens, cfg.batch_size, device, cfg.offload_activations,
+                                      folder)
     prune_attn = cfg.attn_fraction > 0
     prune_mlp_ = cfg.mlp_fraction > 0
     keeps = [{"v_keep": None, "mlp_keep": None} for _ in blocks]
@@ -648,7 +692,8 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
         sub_tokens = distributed.shard(all_tokens[:n_alloc, :n_tok], set_offset=False)
         report.allocation_windows = int(min(n_alloc, all_tokens.shape[0]))
         with timer("capture"):
-            sub = capture_block_inputs(model, blocks, sub_tokens, cfg.batch_size, device, cfg.offload_activations)
+            sub = capture_block_inputs(model, blocks, sub_tokens, cfg.batch_size, device, cfg.offload_activations,
+                                       folder)
     mover.captured(model)  # from here on only the decoder blocks run
     replan = allocate and cfg.allocation_replan and not fold
     report.allocation_replan = replan
@@ -665,7 +710,7 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
     need_gram = cfg.restores
     dense_inputs = None
     if cfg.target == "dense" and not cfg.one_pass:
-        dense_inputs = inputs.with_hidden([h.clone() for h in inputs.hidden])
+        dense_inputs = inputs.with_hidden(spill.copy_of(inputs.hidden))
     val_every = int(cfg.val_every) if cfg.damp == "auto" else 0
     elsize = next(model.parameters()).element_size()
     z_bytes = tokens.numel() * adapter.mlp_width(blocks[0]) * elsize
@@ -690,7 +735,9 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
             not (replan and replanner.may_change(i, s.which))
         st = Stats.new(out.in_features, device, (need_gram or replan) and not whole, store=store,
                        val_every=val_every, precision=cfg.gram_precision_on(device))
-        st.store_device = inputs.hidden[0].device
+        st.store_device = spill.batches_device(inputs.hidden)
+        if store:  # the stored inputs are kept as the hidden states are (in memory or on disk)
+            st.store = spill.empty_like(inputs.hidden)
         st.dense = dense_x
         hooks = [collect(out, st, stop=stop, norm=cfg.output_norm(adapter, block, s.which))]
         if extra_hook is not None:
@@ -735,7 +782,8 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
             continue
         x_dense = {"attn": None, "mlp": None}
         if dense_inputs is not None:  # the dense block on the dense stream: the restoration targets
-            x_dense = {"attn": [] if prune_attn else None, "mlp": [] if prune_mlp_ else None}
+            x_dense = {"attn": spill.empty_like(dense_inputs.hidden) if prune_attn else None,
+                       "mlp": spill.empty_like(dense_inputs.hidden) if prune_mlp_ else None}
             hooks = [record(st_.out(adapter, block), x_dense[st_.which]) for st_ in STRUCTURES
                      if x_dense[st_.which] is not None]
             with timer("forward_dense_target"):
@@ -759,7 +807,7 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
         if prune_mlp_:
             # with the correction the pass stops at the output projection, keeping its inputs and the
             # residual stream it is added to; the block's output is then computed from those
-            h_mid: list[torch.Tensor] = []
+            h_mid = spill.empty_like(inputs.hidden)
             mid = (lambda st: record(adapter.mlp_norm(block), h_mid, st.store_device)) if can_correct else None
             st, outs, change = prune_structure(mlp, block, i, inputs, info, x_dense["mlp"], store=can_correct,
                                                stop=can_correct, keep_outputs=not can_correct, replay=replay,
@@ -783,6 +831,8 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
         report.blocks.append(info)
         mover.release(blocks, i, block, final=True)
     _record_sizes(adapter, model, report, biased_before)
+    if folder is not None:
+        report.activations, report.activations_written_bytes = "disk", folder.written
     model.train(was_training)
     report.params_after = count_params(model)
     report.times = timer.settle()
