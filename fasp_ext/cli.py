@@ -148,7 +148,9 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048 if not demo else 512,
                    help="tokens per window (calibration and perplexity)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="calibration windows per block forward (default: 8; on a CPU fewer for windows over 512 "
+                        "tokens, 4096 tokens at most)")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help=DTYPE_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and of method random")
@@ -629,7 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     c.add_argument("--seqlen", type=int, default=512, help="tokens per window")
     c.add_argument("--eval-windows", type=int, default=64, help="at most this many windows per text")
-    c.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    c.add_argument("--batch-size", type=int, default=None,
+                   help="calibration windows per block forward (default: as for prune)")
     c.add_argument("--damp", default=None, help="damping for every method (number or 'auto'; default: each method's)")
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     c.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")

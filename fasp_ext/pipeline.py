@@ -85,6 +85,20 @@ GRAM_PRECISION_DEFAULT = {"cpu": "fp32", "cuda": "fp32"}
 #: ``PruneConfig.activations``
 ACTIVATIONS = ("auto", "memory", "disk")
 
+#: tokens one block forward takes at most on a CPU when ``PruneConfig.batch_size`` is None
+CPU_BATCH_TOKENS = 4096
+
+
+def auto_batch_size(device, seqlen: int) -> int:
+    """Calibration windows per block forward when ``PruneConfig.batch_size`` is None: 8, and on a CPU
+    no more than make ``CPU_BATCH_TOKENS`` tokens (at least one window). A forward's intermediate
+    activations grow with the tokens it takes (an MLP of width 4096 holds three 16,384 x 4096 fp32
+    tensors, 0.8 GB, at 8 windows of 2048), which block-by-block pruning would otherwise spend
+    beside one block (docs/decisions.md)."""
+    if torch.device(device).type != "cpu":
+        return 8
+    return max(1, min(8, CPU_BATCH_TOKENS // max(int(seqlen), 1)))
+
 
 @dataclass
 class PruneConfig:
@@ -115,8 +129,9 @@ class PruneConfig:
     fp64: bool = False
     #: statistics for every block from the dense model's activations (no propagation)
     one_pass: bool = False
-    #: calibration batch size for block forwards
-    batch_size: int = 8
+    #: calibration windows per block forward (None: ``auto_batch_size``: 8, fewer on a CPU for
+    #: windows longer than 512 tokens, so one forward's activations stay small next to the model)
+    batch_size: int | None = None
     #: compute device (None: the model's device)
     device: str | None = None
     #: which units go, for method fasp: "score" (the FASP score, default), "obs" (greedy removal by
@@ -202,6 +217,8 @@ class PruneConfig:
             if not (v is None and name == "allocation_samples") and int(v) < 0:
                 raise ValueError(f"{name} must be >= 0, got {v!r}")
         for name in ("mlp_multiple", "attn_multiple", "batch_size"):
+            if getattr(self, name) is None and name == "batch_size":
+                continue
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         # the method, selection, allocation and restoration: each part looked up and checking its own
@@ -303,6 +320,8 @@ class PruneReport:
     #: and, on disk, how many bytes were written to their files over the run
     activations: str = "memory"
     activations_written_bytes: int = 0
+    #: calibration windows per block forward (``PruneConfig.batch_size``, or ``auto_batch_size``'s)
+    batch_size: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -661,12 +680,14 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
     mover = mover or BlockMover(home)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    batch = cfg.batch_size or auto_batch_size(device, tokens.shape[1])
     timer = _Timer(device)
     t0 = time.perf_counter()
     report = PruneReport(cfg.method, cfg.sparsity, count_params(model), 0,
                          calibration_tokens=int(tokens.numel()), allocation=cfg.allocation_kind)
     all_tokens, tokens = tokens, distributed.shard(tokens)  # this process's windows (all of them when alone)
     report.world_size = distributed.world_size()
+    report.batch_size = batch
     report.tokens_per_rank = [int(v) for v in distributed.all_reduce_numbers(
         *[tokens.numel() if r == distributed.rank() else 0 for r in range(report.world_size)], device=device)]
     was_training = model.training
@@ -676,7 +697,7 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
         report.token_weighting = "auto"
     biased_before = _biased_linears(model)
     with timer("capture"):
-        inputs = capture_block_inputs(model, blocks, tokens, cfg.batch_size, device, cfg.offload_activations,
+        inputs = capture_block_inputs(model, blocks, tokens, batch, device, cfg.offload_activations,
                                       folder)
     prune_attn = cfg.attn_fraction > 0
     prune_mlp_ = cfg.mlp_fraction > 0
@@ -692,7 +713,7 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
         sub_tokens = distributed.shard(all_tokens[:n_alloc, :n_tok], set_offset=False)
         report.allocation_windows = int(min(n_alloc, all_tokens.shape[0]))
         with timer("capture"):
-            sub = capture_block_inputs(model, blocks, sub_tokens, cfg.batch_size, device, cfg.offload_activations,
+            sub = capture_block_inputs(model, blocks, sub_tokens, batch, device, cfg.offload_activations,
                                        folder)
     mover.captured(model)  # from here on only the decoder blocks run
     replan = allocate and cfg.allocation_replan and not fold

@@ -201,3 +201,16 @@ def test_prune_checkpoint_on_disk_writes_the_same_result_and_says_so(tmp_path):
     _states_equal(load_pruned(tmp_path / "d"), load_pruned(tmp_path / "m"))
     card = json.loads((tmp_path / "d" / "fasp_report.json").read_text())
     assert card["activations"] == "disk" and card["activations_written_bytes"] > 0
+
+
+def test_auto_batch_size_bounds_the_tokens_of_a_cpu_forward():
+    from fasp_ext.pipeline import CPU_BATCH_TOKENS, auto_batch_size
+
+    assert [auto_batch_size("cpu", n) for n in (24, 512, 513, 1024, 2048, 4096, 8192)] == [8, 8, 7, 4, 2, 1, 1]
+    assert all(auto_batch_size("cpu", n) * n <= max(CPU_BATCH_TOKENS, n) for n in range(1, 9000, 37))
+    assert auto_batch_size("cuda", 2048) == 8 and auto_batch_size("meta", 4096) == 8
+    toks = random_tokens(5, 40, seed=3)
+    assert prune(tiny_family("llama"), toks, PruneConfig(sparsity=0.25, progress=False)).batch_size == 8
+    assert prune(tiny_family("llama"), toks, PruneConfig(sparsity=0.25, progress=False, batch_size=3)).batch_size == 3
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        PruneConfig(batch_size=0).validate()
