@@ -218,9 +218,11 @@ def main(argv=None) -> int:
              f"`python bench/bench_inputs.py --cases CASE ...` (this time: {' '.join(args.cases)}); one run each; peak RSS of the "
              f"`fasp-ext prune` process from the kernel (rusage).", "",
              f"The `lazy` and `in-memory` cases (a random LLaMA of 4.13 GB, 60 blocks of hidden 1024, MLP 4096, fp32) "
-             f"calibrate on {args.big_nsamples} x {args.big_seqlen} tokens; `lazy-default` prunes the same checkpoint "
-             f"with every setting at its default (128 x 2048 tokens; the hidden states on disk, 2 windows per "
-             f"forward on a CPU), stopped once {args.stop_after_blocks} blocks are pruned and written; the `2blocks` "
+             f"calibrate on {args.big_nsamples} x {args.big_seqlen} tokens; "
+             + (f"`lazy-default` prunes the same checkpoint with every setting at its default (128 x 2048 tokens; "
+                f"the hidden states on disk, 2 windows per forward on a CPU), stopped once "
+                f"{args.stop_after_blocks} blocks are pruned and written; " if "lazy-default" in rows else "")
+             + f"the `2blocks` "
              f"cases prune two such blocks (0.54 GB) on 16 x 2048 tokens, to show what the activations on disk "
              f"and the CPU's batch of 4096 tokens each save. Rows of cases not run keep their last values.", "",
              "| case | exit | seconds | peak RSS (GB) | note |", "| --- | --- | --- | --- | --- |"]
