@@ -689,6 +689,10 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
     biased_before = _biased_linears(model)
     if cfg.attn_unit == "head" and cfg.attn_fraction > 0:
         check_head_unit(adapter)
+        single = [i for i, b in enumerate(blocks) if adapter.block_heads(b, mcfg)[1] == 1]
+        if single:  # a block keeps at least one group: nothing to remove from its attention
+            log.warning("attn_unit='head': %d of %d blocks have a single kv head, whose attention is kept whole "
+                        "(only the MLP of those blocks is pruned)", len(single), len(blocks))
     with timer("capture"):
         inputs = capture_block_inputs(model, blocks, tokens, cfg.batch_size, device, cfg.offload_activations)
     prune_attn = cfg.attn_fraction > 0
