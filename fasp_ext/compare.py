@@ -130,12 +130,14 @@ def _row_text(r: dict, evals) -> str:
 
 def to_markdown(result: dict) -> str:
     evals = result["evals"]
-    sizes = all("attn_params" in r for r in result["rows"])  # results written before these were recorded lack them
+    sizes = any("attn_params" in r for r in result["rows"])  # rows from before these were recorded: "-"
     head = "| method | allocation | sparsity | " + " | ".join(f"ppl {e}" for e in evals) + " | params | " + \
         ("attn params | KV cache / token | " if sizes else "") + "prune s |"
     lines = [head, "|" + "---|" * (len(evals) + 5 + 2 * sizes)]
     for r in result["rows"]:
-        extra = f" | {r['attn_params']:,} | {r['kv_cache_per_token']:,}" if sizes else ""
+        extra = ""
+        if sizes:
+            extra = f" | {r['attn_params']:,} | {r['kv_cache_per_token']:,}" if "attn_params" in r else " | - | -"
         lines.append(f"| {r['method']} | {r.get('allocation', '-')} | {r['sparsity']:.0%} | "
                      + " | ".join(f"{r[e]:.2f}" for e in evals)
                      + f" | {r['params']:,}{extra} | {r['prune_seconds']:.1f} |")
