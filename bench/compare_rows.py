@@ -52,7 +52,7 @@ def main() -> int:
             row = {"method": name, "sparsity": s, "params": rep.params_after,
                    "prune_seconds": time.perf_counter() - t, "allocation": rep.allocation,
                    "allocation_windows": rep.allocation_windows,
-                   "token_weighting": rep.token_weighting}
+                   "token_weighting": rep.token_weighting, **cmp.attention_sizes(m)}
             for e, w in windows.items():
                 row[e] = data.perplexity(m, w, progress=False)
             result["rows"].append(row)

@@ -75,6 +75,10 @@ PRODUCED = {
     "gram_precision_smollm2": ("the screen's SmolLM2 rows, 20 and 30 %", "see gram_precision_screen.md"),
     "gram_precision_gemma3": ("the screen's Gemma3-270M rows at 20 %", "see gram_precision_screen.md"),
     "gram_precision_gemma3_30": ("the screen's Gemma3-270M rows at 30 %", "see gram_precision_screen.md"),
+    "attn_unit_screen": ("value channels against whole kv-head groups (--attn-unit head), both real models at "
+                         "20/30 % (docs/decisions.md)", "its own page names the commands (the attn_unit_* compares)"),
+    "attn_unit_smollm2": ("the attention-unit screen's SmolLM2 rows, 20 and 30 %", "see attn_unit_screen.md"),
+    "attn_unit_gemma3": ("the attention-unit screen's Gemma3-270M rows, 20 and 30 %", "see attn_unit_screen.md"),
     "mlp_multiple_smollm2": ("what MLP widths in multiples of 32 (q8_0 GGUF) cost SmolLM2 at 20 % (docs/serving.md)",
                              "the fasp-ext compare command in docs/serving.md (fasp:mlp_multiple=32)"),
     "e2e_cpu_ab": ("CPU pruning time before and after the GPU-path changes, A/B on SmolLM2 (issue 28)",

@@ -198,23 +198,27 @@ def block_costs(adapter, block, mcfg, cfg, st_o: Stats | None, st_d: Stats | Non
             continue
         if which == "attn":
             v, o = adapter.value_pair(block)
-            n, kv, _ = adapter.head_geometry(mcfg)
-            full, step = v.out_features // kv, cfg.attn_multiple
+            n, kv = adapter.block_heads(block, mcfg)
             W = judged_weight(cfg, adapter, block, "attn", o.weight)
-            groups, segments = value_groups(n, kv, full, W.device), kv
+            if cfg.attn_unit == "head":  # whole kv-head groups: counts are the block's kv heads
+                full, step = kv, 1
+                groups, segments = adapter.head_groups(block, mcfg, W.device), 1
+            else:
+                full, step = v.out_features // kv, cfg.attn_multiple
+                groups, segments = value_groups(n, kv, full, W.device), kv
         else:
             full, step = adapter.mlp_width(block), cfg.mlp_multiple
             W = judged_weight(cfg, adapter, block, "mlp", adapter.mlp_pair(block)[1].weight)
             groups, segments = None, 1
         cap = cfg.max_block_sparsity if cfg.max_block_sparsity is not None else min(0.9, DEFAULT_CAP * frac)
-        lowest = kept_count(full, min(cap, 1.0 - 1.0 / full), step)
+        lowest = kept_count(full, min(cap, 1.0 - 1.0 / full), step) if full > 1 else full
         ks = _steps(full, lowest, step)
         if len(ks) < 2:
             entry.append((ks, [], 1))
             continue
         costs = ALLOCATIONS[cfg.allocation_kind].costs(W, st, ks, groups, segments, cfg,
                                                       energy_in if which == "attn" else energy_out)
-        entry.append((ks, costs, _unit_params(adapter, block, mcfg, which)))
+        entry.append((ks, costs, _unit_params(adapter, block, mcfg, which, cfg.attn_unit)))
     return entry
 
 
@@ -310,12 +314,20 @@ class Replanner:
         return self.fixed[i, key]
 
 
-def _unit_params(adapter, block, mcfg, which: str) -> int:
+def _unit_params(adapter, block, mcfg, which: str, attn_unit: str = "channel") -> int:
     """Parameters freed by one step unit: a value channel in every kv head (its v_proj rows and the
-    o_proj columns of every query head reading it), or one MLP neuron (its input rows, output column)."""
+    o_proj columns of every query head reading it), a whole kv-head group (``attn_unit="head"``: its
+    q, k and v rows with their biases and its o_proj columns), or one MLP neuron (its input rows,
+    output column)."""
     if which == "attn":
         v, o = adapter.value_pair(block)
-        n, kv, _ = adapter.head_geometry(mcfg)
+        n, kv = adapter.block_heads(block, mcfg)
+        if attn_unit == "head":
+            a = adapter.attention(block)
+            rep, hd, dv = n // kv, adapter.head_geometry(mcfg)[2], v.out_features // kv
+            row = lambda lin: lin.in_features + (lin.bias is not None)  # noqa: E731
+            return (rep * hd * row(getattr(a, adapter.q_name)) + hd * row(getattr(a, adapter.k_name))
+                    + dv * row(v) + rep * dv * o.out_features)
         return kv * (v.in_features + (v.bias is not None)) + n * o.out_features
     ins, out = adapter.mlp_pair(block)
     return sum(lin.in_features + (lin.bias is not None) for lin in ins) + out.out_features

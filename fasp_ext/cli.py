@@ -145,6 +145,10 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "accuracy within a few %% of the default, better or worse by text)")
     p.add_argument("--mlp-multiple", type=int, default=8, help="round kept MLP widths to this multiple")
     p.add_argument("--attn-multiple", type=int, default=1, help="round kept value head sizes to this multiple")
+    p.add_argument("--attn-unit", default="channel", choices=["channel", "head"],
+                   help="what the attention loses: channel (value channels, default) or head (whole kv-head groups: "
+                        "q/k/v rows and o_proj columns, so the attention and the KV cache shrink and a GGUF export "
+                        "needs no padding; not for Phi-3)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048 if not demo else 512,
                    help="tokens per window (calibration and perplexity)")
@@ -199,7 +203,7 @@ def _config_from(args):
                       allocation=args.allocation, max_block_sparsity=args.max_block_sparsity, target=args.target,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
                       offload_activations=args.offload_activations, token_weighting=args.token_weighting,
-                      gram_precision=args.gram_precision, activations=args.activations,
+                      gram_precision=args.gram_precision, attn_unit=args.attn_unit, activations=args.activations,
                       activations_dir=args.activations_dir,
                       allocation_samples=args.allocation_samples, allocation_replan=args.allocation_replan)
     if args.damp is not None:

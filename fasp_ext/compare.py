@@ -70,7 +70,8 @@ def compare(model_spec: str, methods: list[str], sparsities: list[float], calib:
     windows = {e: data.eval_windows(tok, t, seqlen, eval_windows, bos=bos) for e, t in eval_texts.items()}
     del calib_text, eval_texts
     rows = []
-    dense = {"method": "dense", "sparsity": 0.0, "params": count_params(model), "prune_seconds": 0.0}
+    dense = {"method": "dense", "sparsity": 0.0, "params": count_params(model), "prune_seconds": 0.0,
+             **attention_sizes(model)}
     for e, w in windows.items():
         dense[e] = data.perplexity(model.to(device), w, device=device, progress=progress)
     model.to("cpu")
@@ -92,7 +93,7 @@ def compare(model_spec: str, methods: list[str], sparsities: list[float], calib:
             row = {"method": name, "sparsity": s, "params": rep.params_after,
                    "prune_seconds": time.perf_counter() - t, "allocation": rep.allocation,
                    "allocation_windows": rep.allocation_windows,
-                   "token_weighting": rep.token_weighting}
+                   "token_weighting": rep.token_weighting, **attention_sizes(m)}
             for e, w in windows.items():
                 row[e] = data.perplexity(m.to(device), w, device=device, progress=progress)
             rows.append(row)
@@ -103,6 +104,25 @@ def compare(model_spec: str, methods: list[str], sparsities: list[float], calib:
     return result()
 
 
+def attention_sizes(model) -> dict:
+    """The attention's size in ``model``: its projections' parameters (q, k, v, o with biases), the
+    KV-cache entries one token adds over all blocks (keys and values), and the kv heads per block."""
+    from .adapters import adapter_for
+
+    adapter = adapter_for(model)
+    lm = adapter.lm_config(model.config)
+    hd = adapter.head_geometry(lm)[2]
+    params, cache, kv_heads = 0, 0, []
+    for b in adapter.blocks(model):
+        a = adapter.attention(b)
+        lins = {id(m): m for m in a.modules() if isinstance(m, torch.nn.Linear)}.values()
+        params += sum(p.numel() for m in lins for p in m.parameters(recurse=False))
+        _, kv = adapter.block_heads(b, lm)
+        kv_heads.append(kv)
+        cache += kv * hd + adapter.value_pair(b)[0].out_features
+    return {"attn_params": int(params), "kv_cache_per_token": int(cache), "kv_heads": kv_heads}
+
+
 def _row_text(r: dict, evals) -> str:
     ppl = "  ".join(f"{e}={r[e]:.2f}" for e in evals)
     return f"{r['method']:<28} {r['sparsity']:>4.0%}  {ppl}  params={r['params']:,}  time={r['prune_seconds']:.1f}s"
@@ -110,12 +130,17 @@ def _row_text(r: dict, evals) -> str:
 
 def to_markdown(result: dict) -> str:
     evals = result["evals"]
-    head = "| method | allocation | sparsity | " + " | ".join(f"ppl {e}" for e in evals) + " | params | prune s |"
-    lines = [head, "|" + "---|" * (len(evals) + 5)]
+    sizes = any("attn_params" in r for r in result["rows"])  # rows from before these were recorded: "-"
+    head = "| method | allocation | sparsity | " + " | ".join(f"ppl {e}" for e in evals) + " | params | " + \
+        ("attn params | KV cache / token | " if sizes else "") + "prune s |"
+    lines = [head, "|" + "---|" * (len(evals) + 5 + 2 * sizes)]
     for r in result["rows"]:
+        extra = ""
+        if sizes:
+            extra = f" | {r['attn_params']:,} | {r['kv_cache_per_token']:,}" if "attn_params" in r else " | - | -"
         lines.append(f"| {r['method']} | {r.get('allocation', '-')} | {r['sparsity']:.0%} | "
                      + " | ".join(f"{r[e]:.2f}" for e in evals)
-                     + f" | {r['params']:,} | {r['prune_seconds']:.1f} |")
+                     + f" | {r['params']:,}{extra} | {r['prune_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,14 +9,17 @@ merges, special tokens and chat template carried over through ``gguf.SpecialVoca
 Which architecture the file declares:
 
 * every block has the same MLP width: the family's own, ``llama`` (LLaMA, Mistral, SmolLM2);
-* MLP widths differ between blocks (fasp_ext's default allocation): ``deci``, llama.cpp's
-  LLaMA-shaped architecture whose ``feed_forward_length``, ``head_count`` and ``head_count_kv``
-  are per-layer arrays (Nemotron-51B; ``src/models/deci.cpp`` in llama.cpp).
+* MLP widths or head counts differ between blocks (fasp_ext's default allocation): ``deci``,
+  llama.cpp's LLaMA-shaped architecture whose ``feed_forward_length``, ``head_count`` and
+  ``head_count_kv`` are per-layer arrays (Nemotron-51B; ``src/models/deci.cpp`` in llama.cpp).
 
 llama.cpp needs the value head size to equal the key head size. A result with pruned value
 channels is written with its value heads padded back to the key head size: zero ``v_proj`` rows
 and zero ``o_proj`` columns, which leaves the model's outputs unchanged (the padded channels carry
-exact zeros), but the attention then costs in llama.cpp what the dense attention costs.
+exact zeros), but the attention then costs in llama.cpp what the dense attention costs. A result
+pruned in whole kv-head groups (``attn_unit="head"``) keeps full value heads: each layer is
+written with its own ``head_count`` / ``head_count_kv`` and nothing is padded, so the attention and
+the KV cache are smaller in llama.cpp too.
 
 What llama.cpp cannot run from this exporter (other families, per-layer widths of families
 without a per-layer architecture, non-SiLU MLPs, unknown RoPE scalings, q8_0 on widths that are
@@ -111,11 +114,19 @@ class ExportPlan:
     rope: dict
     tied: bool
     warnings: list[str] = field(default_factory=list)
+    #: per-layer query and kv head counts (empty: ``n_head`` / ``n_kv`` in every layer); fewer where
+    #: whole kv-head groups were pruned (``attn_unit="head"``)
+    head_count: list[int] = field(default_factory=list)
+    head_count_kv: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.head_count = list(self.head_count) or [self.n_head] * self.n_layer
+        self.head_count_kv = list(self.head_count_kv) or [self.n_kv] * self.n_layer
 
     @property
     def padded_value_channels(self) -> int:
         """Zero value channels the export adds (per layer: kv heads x (key head size - value head size))."""
-        return sum(self.n_kv * (self.head_dim - d) for d in self.v_head_dim)
+        return sum(kv * (self.head_dim - d) for kv, d in zip(self.head_count_kv, self.v_head_dim))
 
 
 def _fail(msg: str) -> UserError:
@@ -186,9 +197,10 @@ def plan_export(model_dir, out_path, outtype: str = "f16", arch: str = "auto") -
     n, kv, hd = adapter.head_geometry(lm)
     n_layer = int(lm.num_hidden_layers)
     if ck.meta is not None:
-        v_dims, widths, added = ck.meta
+        v_dims, widths, added, heads = ck.meta
     else:
-        v_dims, widths, added = [hd] * n_layer, [int(lm.intermediate_size)] * n_layer, []
+        v_dims, widths, added, heads = [hd] * n_layer, [int(lm.intermediate_size)] * n_layer, [], None
+    heads = heads or [(n, kv)] * n_layer
     act = getattr(lm, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise _fail(f"--model: MLP activation {act!r}: llama.cpp's llama/deci graphs use SiLU only")
@@ -197,13 +209,17 @@ def plan_export(model_dir, out_path, outtype: str = "f16", arch: str = "auto") -
     if hd % 2:
         raise _fail(f"--model: head size {hd} is odd; llama.cpp's rotary embedding needs an even head size")
 
-    equal = len(set(widths)) == 1
+    equal = len(set(widths)) == 1 and len(set(heads)) == 1
     if arch == "auto":
         arch = "llama" if equal else "deci"
-    elif arch == "llama" and not equal:
+    elif arch == "llama" and len(set(widths)) > 1:
         raise _fail(f"--arch llama: the MLP widths differ between blocks ({sorted(set(widths))[:6]}...); llama.cpp's "
                     f"llama graph takes one width for every layer: use --arch deci (per-layer widths) or prune with "
                     f"--allocation uniform")
+    elif arch == "llama" and not equal:
+        raise _fail(f"--arch llama: the head counts differ between blocks (kv heads {sorted({h[1] for h in heads})}); "
+                    f"llama.cpp's llama graph takes one head count for every layer: use --arch deci (per-layer head "
+                    f"counts) or prune with --allocation uniform")
     warnings = []
     context = int(getattr(lm, "max_position_embeddings", 0) or 2048)
     window = getattr(lm, "sliding_window", None) if mt == "mistral" else None
@@ -214,12 +230,13 @@ def plan_export(model_dir, out_path, outtype: str = "f16", arch: str = "auto") -
     if any(d < hd for d in v_dims):
         warnings.append(f"value heads padded back to the key head size {hd} with zero v_proj rows and o_proj columns "
                         f"(exact; llama.cpp needs equal head sizes), so the attention saves nothing in llama.cpp: "
-                        f"{sum(kv * (hd - d) for d in v_dims)} zero value channels added")
+                        f"{sum(h[1] * (hd - d) for h, d in zip(heads, v_dims))} zero value channels added")
 
     plan = ExportPlan(model_dir=model_dir, out=out, outtype=outtype, family=mt, arch=arch, n_layer=n_layer,
                       hidden=hidden, n_head=n, n_kv=kv, head_dim=hd, vocab=int(lm.vocab_size), mlp_width=list(widths),
                       v_head_dim=list(v_dims), context=context, rms_eps=float(lm.rms_norm_eps), rope_theta=rope_theta,
-                      rope=rope, tied=bool(getattr(cfg, "tie_word_embeddings", False)), warnings=warnings)
+                      rope=rope, tied=bool(getattr(cfg, "tie_word_embeddings", False)), warnings=warnings,
+                      head_count=[h[0] for h in heads], head_count_kv=[h[1] for h in heads])
     plan._checkpoint = ck  # type: ignore[attr-defined]
     plan._added_bias = list(added)  # type: ignore[attr-defined]
     if outtype == "q8_0":
@@ -235,8 +252,9 @@ def _check_q8(plan: ExportPlan) -> None:
     bad = []
     if plan.hidden % Q8_BLOCK:
         bad.append(f"hidden size {plan.hidden}")
-    if (plan.n_head * plan.head_dim) % Q8_BLOCK:
-        bad.append(f"attention width {plan.n_head * plan.head_dim}")
+    for w in sorted({nh * plan.head_dim for nh in plan.head_count}):
+        if w % Q8_BLOCK:
+            bad.append(f"attention width {w}")
     odd = [(i, w) for i, w in enumerate(plan.mlp_width) if w % Q8_BLOCK]
     if odd:
         bad.append("MLP widths " + ", ".join(f"{w} (block {i})" for i, w in odd[:4]) + (" ..." if len(odd) > 4 else ""))
@@ -394,18 +412,19 @@ def _pad_values(name: str, t, plan: ExportPlan, layer: int):
     import torch
 
     dv, hd = plan.v_head_dim[layer], plan.head_dim
+    n_head, n_kv = plan.head_count[layer], plan.head_count_kv[layer]
     if dv == hd:
         return t
     if ".v_proj." in name:
-        src = t.reshape(plan.n_kv, dv, *t.shape[1:])
-        out = torch.zeros(plan.n_kv, hd, *t.shape[1:], dtype=t.dtype)
+        src = t.reshape(n_kv, dv, *t.shape[1:])
+        out = torch.zeros(n_kv, hd, *t.shape[1:], dtype=t.dtype)
         out[:, :dv] = src
-        return out.reshape(plan.n_kv * hd, *t.shape[1:])
+        return out.reshape(n_kv * hd, *t.shape[1:])
     if name.endswith(".o_proj.weight"):
-        src = t.reshape(t.shape[0], plan.n_head, dv)
-        out = torch.zeros(t.shape[0], plan.n_head, hd, dtype=t.dtype)
+        src = t.reshape(t.shape[0], n_head, dv)
+        out = torch.zeros(t.shape[0], n_head, hd, dtype=t.dtype)
         out[:, :, :dv] = src
-        return out.reshape(t.shape[0], plan.n_head * hd)
+        return out.reshape(t.shape[0], n_head * hd)
     return t
 
 
@@ -457,9 +476,9 @@ def _tensor_specs(plan: ExportPlan) -> list[tuple[str, tuple[int, ...], object]]
         layer = int(m.group(1)) if m else None
         if layer is not None and plan.v_head_dim[layer] != plan.head_dim:
             if ".v_proj." in key:
-                shape[0] = plan.n_kv * plan.head_dim
+                shape[0] = plan.head_count_kv[layer] * plan.head_dim
             elif key.endswith(".o_proj.weight"):
-                shape[1] = plan.n_head * plan.head_dim
+                shape[1] = plan.head_count[layer] * plan.head_dim
         specs.append((new, tuple(shape), lambda f=f, stored=t["name"], key=key, layer=layer:
                       _load(plan, f, stored, key, layer)))
     return specs
@@ -473,9 +492,9 @@ def _load(plan: ExportPlan, f: Path, stored: str, key: str, layer: int | None):
         t = sf.get_tensor(stored).to(torch.float32)
     if layer is not None:
         if ".q_proj." in key:
-            t = _permute(t, plan.n_head)
+            t = _permute(t, plan.head_count[layer])
         elif ".k_proj." in key:
-            t = _permute(t, plan.n_kv)
+            t = _permute(t, plan.head_count_kv[layer])
         t = _pad_values(key, t, plan, layer)
     return t
 
@@ -492,9 +511,10 @@ def _qtype(outtype: str, new_name: str, ndim: int):
 
 def _estimate_bytes(plan: ExportPlan) -> int:
     per = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}[plan.outtype]
-    h, kvd, qd = plan.hidden, plan.n_kv * plan.head_dim, plan.n_head * plan.head_dim
+    h, hd = plan.hidden, plan.head_dim
     n = plan.vocab * h * (1 if plan.tied else 2)
-    n += sum(h * (qd + 2 * kvd) + qd * h + 3 * h * w for w in plan.mlp_width)
+    n += sum(h * (nh * hd + 2 * kv * hd) + nh * hd * h + 3 * h * w
+             for w, nh, kv in zip(plan.mlp_width, plan.head_count, plan.head_count_kv))
     return int(n * per) + (16 << 20)
 
 
@@ -562,8 +582,8 @@ def export_gguf(model_dir, out_path, outtype: str = "f16", arch: str = "auto", t
         writer.add_embedding_length(plan.hidden)
         per_layer = plan.arch == "deci"
         writer.add_feed_forward_length(plan.mlp_width if per_layer else plan.mlp_width[0])
-        writer.add_head_count([plan.n_head] * plan.n_layer if per_layer else plan.n_head)
-        writer.add_head_count_kv([plan.n_kv] * plan.n_layer if per_layer else plan.n_kv)
+        writer.add_head_count(plan.head_count if per_layer else plan.head_count[0])
+        writer.add_head_count_kv(plan.head_count_kv if per_layer else plan.head_count_kv[0])
         writer.add_key_length(plan.head_dim)
         writer.add_value_length(plan.head_dim)
         writer.add_rope_freq_base(plan.rope_theta)
@@ -617,7 +637,7 @@ def export_gguf(model_dir, out_path, outtype: str = "f16", arch: str = "auto", t
     attn_saved = all(d == plan.head_dim for d in plan.v_head_dim)
     return {"out": str(out), "arch": plan.arch, "family": plan.family, "outtype": outtype, "bytes": out.stat().st_size,
             "tensors": n_tensors, "block_count": plan.n_layer, "feed_forward_length": plan.mlp_width,
-            "head_count": [plan.n_head] * plan.n_layer, "head_count_kv": [plan.n_kv] * plan.n_layer,
+            "head_count": plan.head_count, "head_count_kv": plan.head_count_kv,
             "v_head_dim": plan.v_head_dim, "head_dim": plan.head_dim,
             "padded_value_channels": plan.padded_value_channels,
             "value_heads_padded": not attn_saved,
@@ -632,7 +652,9 @@ def add_parser(sub, formatter_class=None):
     x = sub.add_parser("export", help="write a pruned model to a GGUF file llama.cpp runs (per-layer widths)", **kw,
                        description="Export a fasp_ext result (or a dense checkpoint) of a LLaMA-family model to GGUF: "
                                    "arch llama when every block has the same MLP width, else deci (llama.cpp's "
-                                   "per-layer architecture). Pruned value heads are padded back with zeros (exact). "
+                                   "per-layer architecture). Pruned value heads are padded back with zeros (exact); "
+                                   "kv-head groups pruned with --attn-unit head are written as per-layer head "
+                                   "counts, unpadded. "
                                    "What llama.cpp cannot run is refused before anything is written.")
     x.add_argument("--format", default="gguf", choices=["gguf"], help="output format")
     x.add_argument("--model", required=True, help="fasp_ext output folder (or a save_pretrained folder)")
@@ -656,8 +678,9 @@ def run(args) -> int:
         widths = r["feed_forward_length"]
         print(f"fasp-ext export: {r['out']} ({r['bytes'] / 1e6:.1f} MB, {r['outtype']}, arch {r['arch']}, "
               f"{r['tensors']} tensors, {r['seconds']:.1f} s)")
-        print(f"  MLP widths per layer: {widths if len(set(widths)) > 1 else widths[0]}; heads {r['head_count'][0]} / "
-              f"kv {r['head_count_kv'][0]} of size {r['head_dim']}")
+        hc, kvc = r["head_count"], r["head_count_kv"]
+        print(f"  MLP widths per layer: {widths if len(set(widths)) > 1 else widths[0]}; heads "
+              f"{hc if len(set(hc)) > 1 else hc[0]} / kv {kvc if len(set(kvc)) > 1 else kvc[0]} of size {r['head_dim']}")
         if r["padded_value_channels"]:
             print(f"  value heads padded from {sorted(set(r['v_head_dim']))} to {r['head_dim']} "
                   f"({r['padded_value_channels']} zero channels): the attention saves nothing in llama.cpp")

@@ -57,8 +57,9 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _validate_meta(meta, config, adapter, n_blocks: int, where: Path) -> tuple[list[int], list[int], list[str]]:
-    """Check the ``fasp_ext`` config section before anything is allocated."""
+def _validate_meta(meta, config, adapter, n_blocks: int, where: Path) -> tuple:
+    """Check the ``fasp_ext`` config section before anything is allocated; returns (value head sizes,
+    MLP widths, added biases, per-layer (query heads, kv heads) or None where no head was removed)."""
     bad = lambda msg: UserError(f"path: {where / 'config.json'}: fasp_ext section {msg}")  # noqa: E731
     if not isinstance(meta, dict):
         raise bad(f"must be an object, got {type(meta).__name__}")
@@ -70,7 +71,20 @@ def _validate_meta(meta, config, adapter, n_blocks: int, where: Path) -> tuple[l
         if not all(_is_int(x) for x in meta[key]):
             raise bad(f"{key} must hold integers, got {meta[key][:8]}")
     lm = adapter.lm_config(config)
-    _, _, hd = adapter.head_geometry(lm)
+    n, kv, hd = adapter.head_geometry(lm)
+    heads = None
+    if "num_attention_heads" in meta or "num_key_value_heads" in meta:  # kv-head groups removed
+        for key in ("num_attention_heads", "num_key_value_heads"):
+            vals = meta.get(key)
+            if not isinstance(vals, list) or len(vals) != n_blocks or not all(_is_int(x) for x in vals):
+                raise bad(f"needs a list {key!r} of {n_blocks} integers (one per block) next to the other")
+        heads = list(zip(meta["num_attention_heads"], meta["num_key_value_heads"]))
+        for i, (nh, nkv) in enumerate(heads):
+            if not (1 <= nkv <= kv and nh == nkv * (n // kv)):
+                raise bad(f"num_attention_heads[{i}] = {nh}, num_key_value_heads[{i}] = {nkv} do not remove whole "
+                          f"kv-head groups of the config's {n} / {kv} heads")
+        if not adapter.removes_heads:
+            raise bad(f"lists per-layer head counts, which {lm.model_type} cannot have")
     width = getattr(lm, adapter.mlp_size_key, None)
     for i, (dv, w) in enumerate(zip(meta["v_head_dim"], meta["mlp_width"])):
         if not 1 <= dv <= hd:
@@ -80,7 +94,7 @@ def _validate_meta(meta, config, adapter, n_blocks: int, where: Path) -> tuple[l
     added = meta.get("added_bias", [])
     if not isinstance(added, list) or not all(isinstance(a, str) for a in added):
         raise bad("added_bias must be a list of module names")
-    return meta["v_head_dim"], meta["mlp_width"], added
+    return meta["v_head_dim"], meta["mlp_width"], added, heads
 
 
 def _tensor_table(p: Path, arg: str = "path") -> dict[str, tuple[Path, dict]]:
@@ -136,9 +150,9 @@ def _build(config, dtype, meta, adapter, n_check: Path | None = None):
 
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if meta is not None:
-        v_dims, widths, added = meta
-        for block, dv, w in zip(adapter.blocks(model), v_dims, widths):
-            adapter.resize_block(block, adapter.lm_config(config), dv, w)
+        v_dims, widths, added, heads = meta
+        for i, (block, dv, w) in enumerate(zip(adapter.blocks(model), v_dims, widths)):
+            adapter.resize_block(block, adapter.lm_config(config), dv, w, None if heads is None else heads[i])
         for name in added:  # biases fitted by the pruning (intercept, FLAP)
             try:
                 lin = model.get_submodule(name)

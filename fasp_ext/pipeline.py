@@ -42,6 +42,8 @@ from .calibration import (GRAM_PRECISIONS, BlockInputs, BlockMover, Stats, captu
 log = logging.getLogger("fasp_ext")
 
 TOKEN_WEIGHTINGS = ("auto", "none")
+#: what the attention loses (``PruneConfig.attn_unit``): value channels, or whole kv-head groups
+ATTN_UNITS = ("channel", "head")
 #: the parts a run is made of, by name (fasp_ext/methods.py; the allocations: fasp_ext/allocation.py)
 METHODS, SELECTIONS, ALLOCATIONS = methods.METHODS, methods.SELECTIONS, methods.ALLOCATIONS
 
@@ -112,8 +114,14 @@ class PruneConfig:
     mlp_only: bool = False
     #: kept MLP width rounded to a multiple of this (tensor-core friendly)
     mlp_multiple: int = 8
-    #: kept value channels per kv head rounded to a multiple of this
+    #: kept value channels per kv head rounded to a multiple of this (attn_unit "channel" only)
     attn_multiple: int = 1
+    #: what the attention loses: "channel" (value channels: v_proj rows and the o_proj columns reading
+    #: them, an equal count per kv head; the default) or "head" (whole kv-head groups: a kv head's k
+    #: and v rows, the q rows of the query heads sharing it and their o_proj columns, so the attention
+    #: and the KV cache shrink too; not for Phi-3's fused qkv_proj). ``attn_sparsity`` is then the
+    #: fraction of each block's kv heads removed (rounded, at least one kept)
+    attn_unit: str = "channel"
     #: selection method: fasp (score + restore), wanda-sp (score only), flap (fluctuation score +
     #: bias compensation), depth2 (second-moment score + two-step reconstruction: removed units' mean
     #: into the bias, then least squares on the centred statistics), magnitude, random
@@ -221,6 +229,11 @@ class PruneConfig:
                 continue
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.attn_unit not in ATTN_UNITS:
+            raise ValueError(f"attn_unit must be one of {', '.join(ATTN_UNITS)}, got {self.attn_unit!r}")
+        if self.attn_unit == "head" and int(self.attn_multiple) != 1:
+            raise ValueError(f"attn_multiple rounds value channels per head; with attn_unit='head' it must be 1, "
+                             f"got {self.attn_multiple!r}")
         # the method, selection, allocation and restoration: each part looked up and checking its own
         # rules (fasp_ext/methods.py)
         methods.check(self)
@@ -435,9 +448,12 @@ def prune_values(adapter: Adapter, block: nn.Module, config, stats: Stats, cfg: 
 
 
 def _prune_values(adapter, block, config, stats, cfg, gen, keep_per_head) -> tuple[dict, torch.Tensor | None]:
-    """``prune_values`` and the kept output-projection columns (None: nothing removed)."""
+    """``prune_values`` and the kept output-projection columns (None: nothing removed); with
+    ``cfg.attn_unit == "head"``, ``_prune_heads``."""
+    if cfg.attn_unit == "head":
+        return _prune_heads(adapter, block, config, stats, cfg, gen, keep_per_head)
     v, o = adapter.value_pair(block)
-    n, kv, _ = adapter.head_geometry(config)
+    n, kv = adapter.block_heads(block, config)
     dv = v.out_features // kv
     rep = n // kv
     if keep_per_head is None:
@@ -456,6 +472,45 @@ def _prune_values(adapter, block, config, stats, cfg, gen, keep_per_head) -> tup
     Wn, bn, info = _restore(o.weight, o.bias, stats, kept_cols, col_const, cfg, cfg.restores)
     adapter.set_value_pair(block, _shrink_linear(v, rows=kept_groups), _set_linear(o, Wn, bn), keep_per_head)
     return {"v_head_dim": keep_per_head, "attn_solver": info}, kept_cols
+
+
+def check_head_unit(adapter: Adapter) -> None:
+    """Refuse ``attn_unit="head"`` for a family whose kv-head groups cannot be removed (Phi-3)."""
+    if not adapter.removes_heads:
+        raise ValueError(f"attn_unit='head' is not supported for {', '.join(adapter.model_types)} (fused q/k/v "
+                         f"projection split by the config's head counts); use attn_unit='channel'")
+
+
+def _prune_heads(adapter, block, config, stats, cfg, gen, keep) -> tuple[dict, torch.Tensor | None]:
+    """Remove whole kv-head groups of ``block`` (``attn_unit="head"``): a group is one kv head (its k
+    and v rows) and the query heads sharing it (their q rows and o_proj columns). Groups are scored
+    by the method's score summed over their o_proj columns (the selection part decides, as for value
+    channels), the o_proj is restored over the kept groups' columns by the method's restoration,
+    the removed q/k/v rows (and biases) just go. ``keep``: kept kv heads (None: from the sparsity,
+    ``kept_count``, at least one). Returns the report and the kept o_proj columns (None: nothing removed)."""
+    check_head_unit(adapter)
+    v, o = adapter.value_pair(block)
+    n, kv = adapter.block_heads(block, config)
+    dv, rep = v.out_features // kv, n // kv
+    if keep is None:
+        keep = kept_count(kv, cfg.attn_fraction, 1)
+    info = {"v_head_dim": dv, "num_heads": n, "num_kv_heads": kv}
+    if keep == kv:
+        return info, None
+    dev = o.weight.device
+    groups = adapter.head_groups(block, config, dev)
+    kept_groups = _select(cfg, judged_weight(cfg, adapter, block, "attn", o.weight), stats, keep, groups, 1, gen)
+    kept_groups = torch.sort(kept_groups.to(dev)).values
+    kept_cols = groups[kept_groups].reshape(-1)  # ascending: groups are contiguous column ranges
+    col_const = None
+    if v.bias is not None:  # o_proj input column (h, c) carries v.bias[g(h)*dv + c] as a constant
+        j = torch.arange(n * dv, device=dev)
+        col_const = v.bias.detach()[(j // dv // rep) * dv + j % dv]
+    Wn, bn, solver = _restore(o.weight, o.bias, stats, kept_cols, col_const, cfg, cfg.restores)
+    adapter.remove_heads(block, config, kept_groups, _set_linear(o, Wn, bn))
+    info.update({"num_heads": keep * rep, "num_kv_heads": keep, "kept_kv_heads": kept_groups.tolist(),
+                 "attn_solver": solver})
+    return info, kept_cols
 
 
 def prune_mlp(adapter: Adapter, block: nn.Module, stats: Stats, cfg: PruneConfig,
@@ -696,6 +751,12 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
     if any(cfg.output_norm(adapter, blocks[0], w) is not None for w in ("attn", "mlp")):
         report.token_weighting = "auto"
     biased_before = _biased_linears(model)
+    if cfg.attn_unit == "head" and cfg.attn_fraction > 0:
+        check_head_unit(adapter)
+        single = [i for i, b in enumerate(blocks) if adapter.block_heads(b, mcfg)[1] == 1]
+        if single:  # a block keeps at least one group: nothing to remove from its attention
+            log.warning("attn_unit='head': %d of %d blocks have a single kv head, whose attention is kept whole "
+                        "(only the MLP of those blocks is pruned)", len(single), len(blocks))
     with timer("capture"):
         inputs = capture_block_inputs(model, blocks, tokens, batch, device, cfg.offload_activations,
                                       folder)
@@ -752,7 +813,7 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
         keep = keeps[i][s.key]
         # a structure the allocation keeps whole is left as it is: no Gram matrix for it (unless
         # replanning may change that and has to see its curve)
-        whole = keep is not None and keep == s.full(adapter, block, mcfg) and \
+        whole = keep is not None and keep == s.full(adapter, block, mcfg, cfg.attn_unit) and \
             not (replan and replanner.may_change(i, s.which))
         st = Stats.new(out.in_features, device, (need_gram or replan) and not whole, store=store,
                        val_every=val_every, precision=cfg.gram_precision_on(device))
@@ -825,6 +886,7 @@ def _prune(model: nn.Module, calibration, cfg: PruneConfig, mover: BlockMover | 
             del st
         else:
             info["v_head_dim"] = adapter.value_head_dim(block, mcfg)
+            info["num_heads"], info["num_kv_heads"] = adapter.block_heads(block, mcfg)
         if prune_mlp_:
             # with the correction the pass stops at the output projection, keeping its inputs and the
             # residual stream it is added to; the block's output is then computed from those
@@ -952,10 +1014,15 @@ def _record_sizes(adapter: Adapter, model: nn.Module, report: PruneReport, biase
     n, kv, hd = adapter.head_geometry(lm)
     v_dims = [adapter.value_head_dim(b, lm) for b in blocks]
     widths = [adapter.mlp_width(b) for b in blocks]
+    heads = [adapter.block_heads(b, lm) for b in blocks]
     if len(set(widths)) == 1:
         setattr(lm, adapter.mlp_size_key, widths[0])
     added = sorted(_biased_linears(model) - biased_before)
-    if any(d != hd for d in v_dims) or len(set(widths)) > 1 or added:
+    pruned_heads = any(h != (n, kv) for h in heads)
+    if any(d != hd for d in v_dims) or len(set(widths)) > 1 or added or pruned_heads:
         cfg.fasp_ext = {"version": 1, "v_head_dim": v_dims, "mlp_width": widths, "added_bias": added}
+        if pruned_heads:  # kv-head groups removed (attn_unit="head"): per-layer head counts
+            cfg.fasp_ext["num_attention_heads"] = [h[0] for h in heads]
+            cfg.fasp_ext["num_key_value_heads"] = [h[1] for h in heads]
     elif hasattr(cfg, "fasp_ext"):
         del cfg.fasp_ext

@@ -62,8 +62,8 @@ class Structure:
     phase: str
     #: ``out(adapter, block)``: the output projection whose input statistics decide the structure
     out: Callable
-    #: ``full(adapter, block, mcfg)``: the unit count a kept count is compared with (per kv head for
-    #: value channels)
+    #: ``full(adapter, block, mcfg, attn_unit="channel")``: the unit count a kept count is compared
+    #: with (per kv head for value channels; the block's kv heads for ``attn_unit="head"``)
     full: Callable
 
     def fraction(self, cfg) -> float:
@@ -73,9 +73,10 @@ class Structure:
 
 STRUCTURES = (
     Structure("attn", "v_keep", "attention", lambda a, b: a.value_pair(b)[1],
-              lambda a, b, mcfg: a.value_pair(b)[0].out_features // a.head_geometry(mcfg)[1]),
+              lambda a, b, mcfg, unit="channel": a.block_heads(b, mcfg)[1] if unit == "head"
+              else a.value_pair(b)[0].out_features // a.block_heads(b, mcfg)[1]),
     Structure("mlp", "mlp_keep", "mlp", lambda a, b: a.mlp_pair(b)[1],
-              lambda a, b, mcfg: a.mlp_pair(b)[1].in_features),
+              lambda a, b, mcfg, unit="channel": a.mlp_pair(b)[1].in_features),
 )
 
 

@@ -309,6 +309,76 @@ def test_q8_0_refused_on_widths_not_multiple_of_32(tmp_path, pruned_dir):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+# ----------------------------------------------------------------------------- kv-head groups pruned
+@pytest.fixture(scope="module")
+def heads_dir(tmp_path_factory, tok):
+    """A tiny LLaMA pruned in whole kv-head groups (attn_unit="head", the default allocation): per-layer
+    head counts and MLP widths, full value heads."""
+    m = tiny_llama(tok)
+    g = torch.Generator().manual_seed(3)
+    calib = torch.randint(3, len(tok), (16, 64), generator=g)
+    rep = prune(m, calib, PruneConfig(sparsity=0.4, attn_unit="head", progress=False))
+    kv = [b["num_kv_heads"] for b in rep.blocks]
+    assert min(kv) < 2 and all(b["v_head_dim"] == 16 for b in rep.blocks), kv
+    return save_pruned(m, tmp_path_factory.mktemp("h") / "heads", tok)
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of export_gguf._permute (llama.cpp's rotary row layout back to transformers')."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_head_pruned_export_has_per_layer_head_counts_and_no_padding(tmp_path, heads_dir):
+    """Written metadata and tensors, read back with the gguf package: deci with each layer's own
+    head_count / head_count_kv, value heads as large as the key heads (nothing padded), and every
+    attention tensor the pruned model's (q/k rows permuted with that layer's head count)."""
+    import gguf
+
+    meta = json.loads((heads_dir / "config.json").read_text())["fasp_ext"]
+    rep = export_gguf(heads_dir, tmp_path / "h.gguf", outtype="f32")
+    assert rep["arch"] == "deci" and not rep["value_heads_padded"] and rep["padded_value_channels"] == 0
+    assert rep["head_count"] == meta["num_attention_heads"] and rep["head_count_kv"] == meta["num_key_value_heads"]
+    kv = read_kv(tmp_path / "h.gguf")
+    assert list(kv["deci.attention.head_count"]) == meta["num_attention_heads"]
+    assert list(kv["deci.attention.head_count_kv"]) == meta["num_key_value_heads"]
+    assert kv["deci.attention.key_length"] == kv["deci.attention.value_length"] == 16
+    t = kv["_tensors"]
+    for i, (nh, nkv) in enumerate(zip(meta["num_attention_heads"], meta["num_key_value_heads"])):
+        assert t[f"blk.{i}.attn_q.weight"][0] == (64, nh * 16) and t[f"blk.{i}.attn_output.weight"][0] == (nh * 16, 64)
+        assert t[f"blk.{i}.attn_k.weight"][0] == (64, nkv * 16) and t[f"blk.{i}.attn_v.weight"][0] == (64, nkv * 16)
+    model = load_pruned(heads_dir)
+    data = {x.name: np.array(x.data) for x in gguf.GGUFReader(str(tmp_path / "h.gguf")).tensors}
+    for i, layer in enumerate(model.model.layers):
+        a, nh, nkv = layer.self_attn, meta["num_attention_heads"][i], meta["num_key_value_heads"][i]
+        np.testing.assert_array_equal(_unpermute(data[f"blk.{i}.attn_q.weight"], nh), a.q_proj.weight.detach().numpy())
+        np.testing.assert_array_equal(_unpermute(data[f"blk.{i}.attn_k.weight"], nkv), a.k_proj.weight.detach().numpy())
+        np.testing.assert_array_equal(data[f"blk.{i}.attn_v.weight"], a.v_proj.weight.detach().numpy())
+        np.testing.assert_array_equal(data[f"blk.{i}.attn_output.weight"], a.o_proj.weight.detach().numpy())
+
+
+def test_head_pruned_uniform_is_plain_llama_and_llama_refuses_per_layer_counts(tmp_path, tok, heads_dir):
+    m = tiny_llama(tok)
+    g = torch.Generator().manual_seed(3)
+    prune(m, torch.randint(3, len(tok), (16, 64), generator=g),
+          PruneConfig(sparsity=0.5, attn_unit="head", allocation="uniform", progress=False))
+    src = save_pruned(m, tmp_path / "uni", tok)
+    rep = export_gguf(src, tmp_path / "u.gguf", outtype="f32")
+    kv = read_kv(tmp_path / "u.gguf")
+    assert rep["arch"] == "llama" and kv["llama.attention.head_count"] == 2 and kv["llama.attention.head_count_kv"] == 1
+    assert kv["_tensors"]["blk.0.attn_k.weight"][0] == (64, 16)
+    with pytest.raises(UserError, match="--arch llama: the"):
+        export_gguf(heads_dir, tmp_path / "never.gguf", arch="llama")
+    assert not (tmp_path / "never.gguf").exists()
+
+
+@needs_llama
+def test_head_pruned_deci_matches_load_pruned(tmp_path, heads_dir, tok):
+    export_gguf(heads_dir, tmp_path / "h.gguf", outtype="f32")
+    ids = ids_of(tok, 300)
+    got, want = llama_logits(tmp_path / "h.gguf", ids), torch_logits(load_pruned(heads_dir), ids)
+    assert rel(got, want) < 1e-3, rel(got, want)
+
+
 # ----------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("family", ["opt", "phi3", "gemma3_text", "qwen3"])
 def test_other_families_refused_before_writing(tmp_path, family):

@@ -147,8 +147,13 @@ class Adapter:
     mlp_size_key: str = "intermediate_size"
     #: attribute names inside a block
     attn_name = "self_attn"
+    q_name, k_name = "q_proj", "k_proj"
     v_name = "v_proj"
     o_name = "o_proj"
+    #: whole kv-head groups can be removed (``PruneConfig.attn_unit="head"``): q, k and v are separate
+    #: projections and the stock attention forward takes its head counts from the projections' sizes
+    #: (``set_head_counts`` sets what else it reads)
+    removes_heads = True
     mlp_in_names: tuple[str, ...] = ()
     mlp_out_name = ""
     #: where the MLP's first linear lives relative to the block ("mlp" for LLaMA, "" for OPT)
@@ -209,6 +214,48 @@ class Adapter:
         setattr(a, self.o_name, o)
         self.set_value_head_dim(a, v_head_dim)
 
+    # ---- whole kv-head groups (attn_unit="head")
+    def block_heads(self, block, config) -> tuple[int, int]:
+        """(query heads, kv heads) of ``block`` as its projections hold them (fewer than the config's
+        after head pruning)."""
+        a = self.attention(block)
+        hd = self.head_geometry(config)[2]
+        return getattr(a, self.q_name).out_features // hd, getattr(a, self.k_name).out_features // hd
+
+    def head_groups(self, block, config, device) -> torch.Tensor:
+        """(kv, rep * dv) o_proj columns per kv-head group: group g is kv head g and the rep query heads
+        that share it (g * rep .. g * rep + rep - 1, the order the attention repeats kv heads in), whose
+        outputs are o_proj columns (g * rep + r) * dv + c."""
+        n, kv = self.block_heads(block, config)
+        dv = self.value_pair(block)[0].out_features // kv
+        return torch.arange(n * dv, device=device).view(kv, (n // kv) * dv)
+
+    def set_head_counts(self, attn: nn.Module, n_heads: int, n_kv: int) -> None:
+        """Record the block's head counts on the attention module where its forward reads them (the
+        LLaMA family reshapes with -1 heads and repeats kv heads ``num_key_value_groups`` times, which
+        removing whole groups leaves unchanged: nothing to set)."""
+
+    def remove_heads(self, block, config, kept: torch.Tensor, o: nn.Linear) -> None:
+        """Keep only kv-head groups ``kept`` (ascending) of ``block``: their q, k and v rows (biases
+        with them) and ``o``, the already restored output projection over the kept groups' columns."""
+        a = self.attention(block)
+        n, kv = self.block_heads(block, config)
+        rep, hd = n // kv, self.head_geometry(config)[2]
+        v = getattr(a, self.v_name)
+        dv = v.out_features // kv
+        dev = v.weight.device
+        kept = kept.to(dev)
+        d = torch.arange(hd, device=dev)
+        q_heads = (kept.view(-1, 1) * rep + torch.arange(rep, device=dev).view(1, -1)).reshape(-1)
+        q_rows = (q_heads.view(-1, 1) * hd + d.view(1, -1)).reshape(-1)
+        k_rows = (kept.view(-1, 1) * hd + d.view(1, -1)).reshape(-1)
+        v_rows = (kept.view(-1, 1) * dv + torch.arange(dv, device=dev).view(1, -1)).reshape(-1)
+        setattr(a, self.q_name, _shrink_linear(getattr(a, self.q_name), rows=q_rows))
+        setattr(a, self.k_name, _shrink_linear(getattr(a, self.k_name), rows=k_rows))
+        setattr(a, self.v_name, _shrink_linear(v, rows=v_rows))
+        setattr(a, self.o_name, o)
+        self.set_head_counts(a, int(q_heads.numel()), int(kept.numel()))
+
     def mlp_pair(self, block) -> tuple[list[nn.Linear], nn.Linear]:
         p = self._mlp_parent(block)
         return [getattr(p, n) for n in self.mlp_in_names], getattr(p, self.mlp_out_name)
@@ -256,9 +303,20 @@ class Adapter:
     def value_pruned_forward(attn, *args, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def resize_block(self, block, config, v_head_dim: int, mlp_width: int) -> None:
-        """Replace the projections of ``block`` by empty ones of the given sizes (for reloading)."""
+    def resize_block(self, block, config, v_head_dim: int, mlp_width: int,
+                     heads: tuple[int, int] | None = None) -> None:
+        """Replace the projections of ``block`` by empty ones of the given sizes (for reloading);
+        ``heads``: (query heads, kv heads) of a block whose kv-head groups were pruned (None: the config's)."""
         n, kv, hd = self.head_geometry(config)
+        if heads is not None and tuple(heads) != (n, kv):
+            n, kv = (int(h) for h in heads)
+            a = self.attention(block)
+            for name, rows in ((self.q_name, n * hd), (self.k_name, kv * hd), (self.v_name, kv * hd)):
+                lin = getattr(a, name)
+                setattr(a, name, empty_linear_like(lin, lin.in_features, rows))
+            o = getattr(a, self.o_name)
+            setattr(a, self.o_name, empty_linear_like(o, n * hd, o.out_features))
+            self.set_head_counts(a, n, kv)
         v, o = self.value_pair(block)
         if v_head_dim != v.out_features // kv:
             self.set_value_pair(block, empty_linear_like(v, v.in_features, kv * v_head_dim),

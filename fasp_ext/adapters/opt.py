@@ -24,6 +24,9 @@ class OPTAdapter(Adapter):
         # OPT-350m normalises after the residual add; the others before (do_layer_norm_before)
         return bool(getattr(config, "do_layer_norm_before", True))
 
+    def set_head_counts(self, attn, n_heads: int, n_kv: int) -> None:
+        attn.num_heads = int(n_heads)  # OPT's forward reshapes with num_heads (no grouped-query attention)
+
     def head_geometry(self, config):
         n = config.num_attention_heads
         return n, n, config.hidden_size // n

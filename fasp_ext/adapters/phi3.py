@@ -42,6 +42,9 @@ def _cat_rows(parts, like: nn.Linear) -> nn.Linear:
 
 class Phi3Adapter(Adapter):
     model_types = ("phi3",)
+    #: whole kv-head groups live inside the fused qkv_proj and Phi-3's forward splits it by the config's
+    #: head counts: attn_unit="head" is refused for Phi-3
+    removes_heads = False
     mlp_size_key = "intermediate_size"
     attn_name = "self_attn"
     o_name = "o_proj"
@@ -50,6 +53,10 @@ class Phi3Adapter(Adapter):
 
     def blocks(self, model):
         return model.model.layers
+
+    def block_heads(self, block, config) -> tuple[int, int]:
+        n, kv, _ = self.head_geometry(config)  # heads are never removed from the fused qkv_proj
+        return n, kv
 
     # ---- value rows inside qkv_proj: [query rows | key rows | value rows]
     def _qk_rows(self, attn) -> int:
