@@ -45,7 +45,7 @@ import heapq
 
 import torch
 
-from . import distributed
+from . import distributed, spill
 from .calibration import Stats, fluctuation_scores, run_block
 from .methods import ALLOCATIONS, Allocation, register_allocation
 from .units import judged_weight, kept_count, structure_stats, value_groups
@@ -147,7 +147,7 @@ def dense_costs(adapter, blocks, mcfg, inputs, cfg, device, timer, mover=None) -
     if cfg.progress:  # the dense pass takes a while on a CPU: say so (issue 14)
         from tqdm.auto import tqdm
 
-        n_win = sum(h.shape[0] for h in inputs.hidden)
+        n_win = sum(spill.batch_shape(inputs.hidden, j)[0] for j in range(len(inputs.hidden)))  # not read from disk
         steps_ = tqdm(steps_, desc=f"allocation ({cfg.allocation_kind}): dense pass over {n_win} windows",
                       unit="block")
     # the stream's energy entering each block is the energy leaving the one before: one sum per boundary

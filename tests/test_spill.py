@@ -95,6 +95,7 @@ CONFIGS = {
     "dense-target": dict(target="dense"),
     "damp-auto": dict(damp="auto"),
     "no-store": dict(store_budget_bytes=0),  # neither the replay nor the correction: every pass recomputed
+    "attn-head": dict(attn_unit="head"),
 }
 
 
