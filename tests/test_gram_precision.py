@@ -29,7 +29,7 @@ def _tf32_exact(v: float) -> float:
         return v
     _, E = math.frexp(v)
     q = 2.0 ** max(E - 11, -136)
-    r = math.copysign(round(abs(v) / q) * q, v)  # exact: |v| / q has at most one bit below the point
+    r = math.copysign(round(abs(v) / q) * q, v)  # exact (q a power of two); round: ties to even
     return math.copysign(float("inf"), v) if abs(r) >= 2.0 ** 128 else r
 
 
