@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 
 import pytest
 import torch
@@ -115,6 +116,15 @@ def test_cpu_default_is_fp32_and_the_others_differ_slightly():
     w0, w1 = m0.model.layers[0].mlp.down_proj.weight, m1.model.layers[0].mlp.down_proj.weight
     if w0.shape == w1.shape:
         assert (w0 - w1).norm() < 0.05 * w0.norm()
+
+
+def test_defaults_are_the_documented_ones():
+    """fp32 on a CPU, TF32 on a GPU (the screen's decision), as docs/gpu.md states it."""
+    assert pipeline.GRAM_PRECISION_DEFAULT == {"cpu": "fp32", "cuda": "tf32"}
+    assert pipeline.PruneConfig().gram_precision_on("cuda:0") == "tf32"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    doc = open(os.path.join(root, "docs", "gpu.md")).read()
+    assert 'GRAM_PRECISION_DEFAULT = {"cpu": "fp32", "cuda": "tf32"}' in doc
 
 
 def test_gpu_default_comes_from_the_table(monkeypatch):
