@@ -70,7 +70,7 @@ PRODUCED = {
                          "bench/results/screen20_smollm2.json fasp:allocation_samples=16 fasp:one_pass "
                          "fasp:max_block_sparsity=0.25 --sparsities 0.2"),
     "magnitude_diagnosis": ("why magnitude pruning destroys SmolLM2", "python bench/magnitude_diagnosis.py"),
-    "gram_precision_screen": ("bf16 against fp32 Gram inputs, both real models at 20/30 % (docs/gpu.md)",
+    "gram_precision_screen": ("tf32 and bf16 against fp32 Gram inputs, both real models at 20/30 % (docs/gpu.md)",
                               "its own page names the commands (the gram_precision_* compares)"),
     "gram_precision_smollm2": ("the screen's SmolLM2 rows, 20 and 30 %", "see gram_precision_screen.md"),
     "gram_precision_gemma3": ("the screen's Gemma3-270M rows at 20 %", "see gram_precision_screen.md"),
@@ -79,6 +79,9 @@ PRODUCED = {
                          "20/30 % (docs/decisions.md)", "its own page names the commands (the attn_unit_* compares)"),
     "attn_unit_smollm2": ("the attention-unit screen's SmolLM2 rows, 20 and 30 %", "see attn_unit_screen.md"),
     "attn_unit_gemma3": ("the attention-unit screen's Gemma3-270M rows, 20 and 30 %", "see attn_unit_screen.md"),
+    "gram_precision_tf32_smollm2": ("the screen's SmolLM2 tf32 rows, 20 and 30 %", "see gram_precision_screen.md"),
+    "gram_precision_tf32_gemma3": ("the screen's Gemma3-270M tf32 rows, 20 and 30 % (bench/compare_rows.py)",
+                                   "see gram_precision_screen.md"),
     "mlp_multiple_smollm2": ("what MLP widths in multiples of 32 (q8_0 GGUF) cost SmolLM2 at 20 % (docs/serving.md)",
                              "the fasp-ext compare command in docs/serving.md (fasp:mlp_multiple=32)"),
     "e2e_cpu_ab": ("CPU pruning time before and after the GPU-path changes, A/B on SmolLM2 (issue 28)",

@@ -43,5 +43,6 @@ def register(lib: str) -> None:
     torch.library.register_fake(f"{lib}::accumulate_stats")(accumulate_stats_fake)
     torch.library.register_fake(f"{lib}::score_select")(score_select_fake)
     torch.library.register_fake(f"{lib}::restore")(restore_fake)
-    if torch._C._dispatch_has_kernel(f"{lib}::accumulate_stats_deferred"):  # declared by CUDA builds only
-        torch.library.register_fake(f"{lib}::accumulate_stats_deferred")(accumulate_stats_deferred_fake)
+    for op in ("accumulate_stats_deferred", "accumulate_stats_lower"):  # declared by CUDA builds only
+        if torch._C._dispatch_has_kernel(f"{lib}::{op}"):
+            torch.library.register_fake(f"{lib}::{op}")(accumulate_stats_deferred_fake)

@@ -219,6 +219,10 @@ class Stats:
     bad: torch.Tensor | None = None
     #: what the Gram update multiplies (``PruneConfig.gram_precision``): "fp32", "tf32" or "bf16"
     precision: str = "fp32"
+    #: whether the Gram updates write only H's (and H_val's) lower triangle (``ops.accumulate_stats``
+    #: with ``lower``: half the flops), which ``reduce`` mirrors once into the whole matrix; on the
+    #: GPU path (``bad`` set) until the first ``reduce``, full updates after it
+    gram_lower: bool = False
 
     @staticmethod
     def new(m: int, device, gram: bool = True, store: bool = False, val_every: int = 0,
@@ -229,11 +233,18 @@ class Stats:
         # under torch.distributed, samples are numbered globally so the held-out ones are the same
         return Stats(z(m), z(m, m) if gram else None, z(m), 0, [] if store else None, val_every if val else 0,
                      z(m, m) if val else None, z(m) if val else None, samples=distributed.sample_offset(),
-                     bad=bad, precision=precision)
+                     bad=bad, precision=precision, gram_lower=gram and bad is not None)
 
     def reduce(self) -> "Stats":
         """Settle the weighted token counts and sum the statistics of every process
-        (torch.distributed). Call it once the pass is over, before reading H, n or n_val."""
+        (torch.distributed). Call it once the pass is over, before reading H, n or n_val.
+        Lower-triangle Gram updates (``gram_lower``) are mirrored here into the whole matrices, the
+        one place they are (later updates write the whole matrix)."""
+        if self.gram_lower:
+            for M in (self.H, self.H_val):
+                if M is not None:
+                    ops.mirror_lower_(M)
+            self.gram_lower = False
         if self.H_val is not None and not self.val_in_H:
             self.H += self.H_val
             self.val_in_H = True
@@ -267,7 +278,8 @@ class Stats:
         """``ops.accumulate_stats`` at this statistic's Gram precision, the NaN/Inf flag kept on the
         device where ``bad`` is set."""
         p = self.precision
-        acc = ops.accumulate_stats if self.bad is None else functools.partial(ops.accumulate_stats, bad=self.bad)
+        acc = ops.accumulate_stats if self.bad is None else \
+            functools.partial(ops.accumulate_stats, bad=self.bad, lower=self.gram_lower)
         if H is None or p == "fp32" or X.dtype != torch.float32:
             acc(X, s, H)
         elif X.device.type == "cuda":  # tensor cores: bf16 inputs or TF32 products, fp32 sums

@@ -176,7 +176,7 @@ def _add_prune_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--gram-precision", default=None, choices=["fp32", "tf32", "bf16"],
                    help="what the statistics' Gram updates multiply for fp32 activations, always summed in fp32: "
                         "fp32, tf32 (tensor-core products) or bf16 (inputs rounded to bfloat16); default: fp32 "
-                        "on a CPU (where the others are emulated), the GPU default of docs/gpu.md on a GPU")
+                        "on a CPU (where the others are emulated), tf32 on a GPU (docs/gpu.md)")
     if not demo:
         p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
                        help="read each decoder block from the checkpoint at its turn and write it when pruned: "

@@ -93,6 +93,7 @@ class RestoreReport:
 HOST_SYNCS = {
     "fasp_ext::accumulate_stats": 1,
     "fasp_ext::accumulate_stats_deferred": 0,
+    "fasp_ext::accumulate_stats_lower": 0,
     "fasp_ext::score_select": 1,
     "fasp_ext::restore": 1,
     "fasp_ext_ref::accumulate_stats": 1,
@@ -112,22 +113,30 @@ def defers(device) -> bool:
 
 
 def accumulate_stats(X: torch.Tensor, s: torch.Tensor, H: torch.Tensor | None = None,
-                     bad: torch.Tensor | None = None) -> None:
+                     bad: torch.Tensor | None = None, lower: bool = False) -> None:
     """In place: ``s += sum_tokens x**2`` and, if ``H`` is given, ``H += X^T X`` (fp32 accumulation).
 
     X: (..., m) float32/float16/bfloat16. s: (m,) float32. H: (m, m) float32 or None.
     NaN/Inf in X raise ValueError, or, with ``bad`` (an int32 tensor of one element on X's device),
     set ``bad`` to nonzero instead, with no host synchronisation: the caller checks it once
     (``raise_if_bad``) before using s or H, which are then not to be trusted.
+
+    ``lower`` (with ``bad`` only): only H's lower triangle is guaranteed to receive X^T X (the block
+    lower triangle, about half the flops: ``reference.gram_lower_update_``, the CUDA op
+    ``accumulate_stats_lower``); above the diagonal H is left unspecified until the caller runs
+    ``mirror_lower_(H)`` once, after the last batch, before anything reads H.
     """
     ref.check_stats_args(X, s, H)
+    if lower and bad is None:
+        raise ValueError("accumulate_stats: lower=True needs the deferred flag bad (the GPU path)")
     if bad is None:
         _ops_for(X.device, "accumulate_stats").accumulate_stats(X, s, H)
         return
     if bad.dtype != torch.int32 or bad.numel() != 1 or bad.device != X.device:
         raise ValueError(f"accumulate_stats: bad must be an int32 tensor of one element on {X.device}, "
                          f"got {bad.dtype} {tuple(bad.shape)} on {bad.device}")
-    kernel = _deferred_kernel(X.device)
+    lower = lower and H is not None
+    kernel = _deferred_kernel(X.device, "accumulate_stats_lower" if lower else "accumulate_stats_deferred")
     if kernel is not None:
         kernel(X, s, H, bad)
         return
@@ -137,25 +146,36 @@ def accumulate_stats(X: torch.Tensor, s: torch.Tensor, H: torch.Tensor | None = 
     bad.bitwise_or_(torch.isfinite(part).all().logical_not().to(torch.int32))
     s.add_(part)
     if H is not None:
-        H.addmm_(X2.t(), X2)
+        if lower:  # the CUDA op's blocked algorithm, so the CPU runs of the GPU path test it
+            ref.gram_lower_update_(H, X2)
+        else:
+            H.addmm_(X2.t(), X2)
 
 
-_DEFERRED: dict[str, object] = {}
+def mirror_lower_(H: torch.Tensor) -> torch.Tensor:
+    """In place: H's upper triangle from its lower one (``H[i, j] = H[j, i]`` for i < j), after the
+    Gram updates with ``lower=True``. The one place that happens in a prune: ``Stats.reduce``.
+    Returns H (no host synchronisation)."""
+    return ref.mirror_lower_(H)
 
 
-def _deferred_kernel(device: torch.device):
-    """The compiled ``accumulate_stats_deferred`` kernel for ``device`` (CUDA builds), or None."""
-    if device.type not in _DEFERRED:
+_DEFERRED: dict[tuple[str, str], object] = {}
+
+
+def _deferred_kernel(device: torch.device, op: str = "accumulate_stats_deferred"):
+    """The compiled ``op`` kernel (``accumulate_stats_deferred`` or ``accumulate_stats_lower``,
+    declared by CUDA builds only) for ``device``, or None."""
+    key = (device.type, op)
+    if key not in _DEFERRED:
         kernel = None
         if compiled_ops_for(device, "accumulate_stats") is not None:
             try:
-                if torch._C._dispatch_has_kernel_for_dispatch_key("fasp_ext::accumulate_stats_deferred",
-                                                                  device.type.upper()):
-                    kernel = torch.ops.fasp_ext.accumulate_stats_deferred
+                if torch._C._dispatch_has_kernel_for_dispatch_key(f"fasp_ext::{op}", device.type.upper()):
+                    kernel = getattr(torch.ops.fasp_ext, op)
             except Exception:  # pragma: no cover - a build without the op
                 kernel = None
-        _DEFERRED[device.type] = kernel
-    return _DEFERRED[device.type]
+        _DEFERRED[key] = kernel
+    return _DEFERRED[key]
 
 
 def raise_if_bad(bad: torch.Tensor | None) -> None:

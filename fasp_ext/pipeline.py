@@ -81,8 +81,9 @@ DEFAULT_ALLOCATION = _PartView(METHODS, "default_allocation")
 #: ``Allocation.windows``); why these counts: docs/decisions.md
 ALLOCATION_SAMPLES = _PartView(ALLOCATIONS, "windows")
 #: Gram precision per device type when ``PruneConfig.gram_precision`` is None (docs/gpu.md: the
-#: accuracy screen that decides the GPU's, bench/results/gram_precision_screen.md)
-GRAM_PRECISION_DEFAULT = {"cpu": "fp32", "cuda": "fp32"}
+#: accuracy screen that decides the GPU's, bench/results/gram_precision_screen.md; TF32 moved
+#: perplexity by at most 0.01 % there, docs/decisions.md says why not bf16)
+GRAM_PRECISION_DEFAULT = {"cpu": "fp32", "cuda": "tf32"}
 
 #: ``PruneConfig.activations``
 ACTIVATIONS = ("auto", "memory", "disk")
@@ -201,8 +202,8 @@ class PruneConfig:
     activations_dir: str | None = None
     #: what the Gram updates multiply on fp32 activations: "fp32", "tf32" (TF32 tensor-core
     #: products) or "bf16" (inputs rounded to bfloat16), always summed in fp32; None: the device's
-    #: default, ``GRAM_PRECISION_DEFAULT`` (fp32 on a CPU, where the others are only emulated:
-    #: docs/gpu.md). A model already in fp16/bf16 is multiplied in its own dtype either way
+    #: default, ``GRAM_PRECISION_DEFAULT`` (fp32 on a CPU, where the others are only emulated; tf32
+    #: on a GPU: docs/gpu.md). A model already in fp16/bf16 is multiplied in its own dtype either way
     gram_precision: str | None = None
     #: show a progress bar
     progress: bool = True

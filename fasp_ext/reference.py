@@ -160,6 +160,38 @@ def accumulate_stats(X: torch.Tensor, s: torch.Tensor, H: torch.Tensor | None = 
         H.addmm_(X2.t(), X2)
 
 
+def gram_lower_block(m: int) -> int:
+    """Block width of the lower-triangle Gram update for m columns (csrc/fasp_math.h's twin): one
+    block below 512 columns, else at most ~16 block columns of a multiple of 128 (256 at least)."""
+    if m < 512:
+        return max(m, 1)
+    per = (m + 15) // 16
+    return max((per + 127) // 128 * 128, 256)
+
+
+def gram_lower_update_(H: torch.Tensor, X: torch.Tensor, block: int | None = None) -> None:
+    """H's block lower triangle += X^T X for a (n, m) fp32 X, as the CUDA op
+    ``accumulate_stats_lower`` computes it: for each block column [j0, j0 + w) of ``block`` columns
+    (default ``gram_lower_block(m)``), ``H[j0:, j0:j0+w] += X[:, j0:]^T X[:, j0:j0+w]``. On and below
+    the diagonal H then holds H + X^T X; above it only the diagonal blocks changed. ``mirror_lower_``
+    makes the whole matrix from that."""
+    m = X.shape[1]
+    b = gram_lower_block(m) if block is None else int(block)
+    if b < 1:
+        _fail(f"gram_lower_update_: block must be >= 1, got {b}")
+    for j0 in range(0, m, b):
+        w = min(b, m - j0)
+        H[j0:, j0:j0 + w].addmm_(X[:, j0:].t(), X[:, j0:j0 + w])
+
+
+def mirror_lower_(H: torch.Tensor) -> torch.Tensor:
+    """In place: H's strict upper triangle := its strict lower triangle transposed (H[i, j] = H[j, i]
+    for i < j), so a matrix valid on and below its diagonal (``gram_lower_update_``) becomes the
+    whole symmetric matrix. Returns H."""
+    H.copy_(torch.tril(H) + torch.tril(H, -1).t())
+    return H
+
+
 def column_scores(W: torch.Tensor, s: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """score_j = sqrt(s_j) * sum_i |W[i, j]|; a group's score is the sum of its columns' scores."""
     col = torch.sqrt(s.clamp_min(0)) * W.to(torch.float32).abs().sum(0)

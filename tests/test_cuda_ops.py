@@ -40,7 +40,7 @@ def test_cuda_kernels_registered():
     assert COMPILED_CUDA or not REQUIRE, f"no CUDA kernels: {_loader.build_info()}"
     if not COMPILED_CUDA:
         pytest.skip("CUDA kernels not built")
-    for op in ("accumulate_stats", "score_select", "restore"):
+    for op in ("accumulate_stats", "score_select", "restore", "accumulate_stats_deferred", "accumulate_stats_lower"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fasp_ext::{op}", "CUDA"), op
 
 
@@ -116,6 +116,47 @@ def test_accumulate_stats_nonfinite_leaves_state_untouched(bad):
     with pytest.raises(ValueError, match="X contains NaN or Inf"):
         OPS.accumulate_stats(X, s, H)
     assert torch.equal(s, s0) and torch.equal(H, H0)
+
+
+@needs_cuda_lib
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 7), (300, 600), (129, 1100), (2, 50, 1536)])
+def test_accumulate_stats_lower_is_the_lower_triangle_of_the_reference(dtype, shape):
+    """accumulate_stats_lower (half the Gram's flops): on and below the diagonal the reference's
+    H + X^T X, above the diagonal blocks H as it was, and after ops.mirror_lower_ the whole
+    reference; its plain-torch twin reference.gram_lower_update_ agrees entry by entry."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    X, s0, H0 = _stats_case(shape, dtype, seed=sum(shape) + 5)
+    m = shape[-1]
+    s_ref, H_ref = s0.clone(), H0.clone()
+    ref.accumulate_stats(X, s_ref, H_ref)
+    twin = H0.clone()
+    ref.gram_lower_update_(twin, X.reshape(-1, m).float())
+    s, H = s0.to(DEV), H0.to(DEV)
+    bad = torch.zeros(1, dtype=torch.int32, device=DEV)
+    OPS.accumulate_stats_lower(X.to(DEV), s, H, bad)
+    assert int(bad) == 0
+    torch.testing.assert_close(s.cpu(), s_ref, rtol=2e-5, atol=1e-5)
+    scale = H_ref.abs().max().item() + 1.0
+    Hc = H.cpu()
+    assert (torch.tril(Hc) - torch.tril(H_ref)).abs().max().item() <= 2e-5 * scale
+    assert (Hc - twin).abs().max().item() <= 2e-5 * scale  # the same entries updated, the same values
+    blk = torch.arange(m) // ref.gram_lower_block(m)
+    above = blk.unsqueeze(1) < blk.unsqueeze(0)
+    assert torch.equal(Hc[above], H0[above])
+    fops.mirror_lower_(H)
+    assert (H.cpu() - H_ref).abs().max().item() <= 2e-5 * scale
+
+
+@needs_cuda_lib
+def test_accumulate_stats_lower_flags_nonfinite_without_waiting():
+    X = torch.randn(50, 600, device=DEV)
+    X[7, 3] = float("nan")
+    s, H = torch.zeros(600, device=DEV), torch.zeros(600, 600, device=DEV)
+    bad = torch.zeros(1, dtype=torch.int32, device=DEV)
+    OPS.accumulate_stats_lower(X, s, H, bad)
+    assert int(bad) != 0
+    assert torch.equal(s, torch.zeros_like(s))  # s untouched once the flag is set
 
 
 @needs_cuda_lib

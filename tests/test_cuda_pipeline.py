@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fasp_ext.adapters import adapter_for
-from fasp_ext.pipeline import PruneConfig, prune
+from fasp_ext.pipeline import GRAM_PRECISION_DEFAULT, PruneConfig, prune
 from tiny_models import FAMILIES, random_tokens, tiny_family, vocab_size
 
 # FASP_EXT_REQUIRE_CUDA=1 (CI's CUDA step on a GPU machine): no visible GPU is a failure, not a skip
@@ -40,8 +40,10 @@ def _logits(model, tokens):
 @pytest.mark.parametrize("kw", [{"allocation": "uniform"}, {}, {"one_pass": True}, {"method": "wanda-sp"}],
                          ids=["uniform", "default", "one-pass", "wanda-sp"])
 def test_cuda_prune_equals_cpu_prune(family, kw):
+    """fp32 Gram on both devices (the GPU's default, TF32, is compared with its CPU emulation below)."""
     a, b = tiny_family(family), tiny_family(family)
     tokens = random_tokens(N, SEQ, vocab=vocab_size(a))
+    kw = dict(kw, gram_precision="fp32")
     ra = prune(a, tokens, PruneConfig(sparsity=0.3, batch_size=BATCH, progress=False, **kw))
     rb = prune(b, tokens, PruneConfig(sparsity=0.3, batch_size=BATCH, progress=False, device="cuda", **kw))
     assert next(b.parameters()).device.type == "cpu"  # the model comes back where it was
@@ -52,6 +54,25 @@ def test_cuda_prune_equals_cpu_prune(family, kw):
     la, lb = _logits(a, held), _logits(b, held)
     rel = float((la - lb).norm() / la.norm())
     assert rel < 1e-3, f"{family} {kw}: pruned on CUDA vs on CPU, relative logit difference {rel:.2e}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_default_gram_is_the_cpu_emulated_precision(family):
+    """The GPU's default Gram precision (GRAM_PRECISION_DEFAULT["cuda"], TF32 tensor cores) prunes
+    as the CPU's emulation of it does (the accuracy screen measured the emulation): as many
+    parameters kept and nearly the same logits. The tolerance is looser than the fp32 comparison's, as
+    the hardware's TF32 conversion may round ties (or truncate) differently from the emulation."""
+    precision = GRAM_PRECISION_DEFAULT["cuda"]
+    assert PruneConfig().gram_precision_on("cuda") == precision
+    a, b = tiny_family(family), tiny_family(family)
+    tokens = random_tokens(N, SEQ, vocab=vocab_size(a))
+    ra = prune(a, tokens, PruneConfig(sparsity=0.3, batch_size=BATCH, progress=False, gram_precision=precision))
+    rb = prune(b, tokens, PruneConfig(sparsity=0.3, batch_size=BATCH, progress=False, device="cuda"))
+    assert ra.params_after == rb.params_after < ra.params_before
+    held = random_tokens(3, SEQ, vocab=vocab_size(a), seed=7)
+    la, lb = _logits(a, held), _logits(b, held)
+    rel = float((la - lb).norm() / la.norm())
+    assert rel < 1e-2, f"{family}: default Gram on CUDA vs its CPU emulation, relative logit difference {rel:.2e}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -13,6 +13,14 @@
 // fp16/bf16 inputs, reduced-precision reductions disallowed; fp32 inputs honour
 // torch.backends.cuda.matmul.allow_tf32). GEMM rather than SYRK keeps H += X^T X exact in meaning
 // even for a non-symmetric H passed in by a caller.
+//
+// accumulate_stats_lower (CUDA builds only; what the pipeline calls on a GPU) is the deferred op
+// with half the Gram's flops: only H's lower triangle (i >= j) receives X^T X, by one GEMM per block
+// column of gram_lower_block(m) columns (csrc/fasp_math.h): H[j0:, j0:j0+w] += X[:, j0:]^T X[:, j0:j0+w]
+// (the diagonal blocks whole, so some entries above the diagonal change too; the rest of the upper
+// triangle is left as it was). H is then valid on and below its diagonal only, and the caller
+// mirrors it once, after the last batch, before anything reads it (Stats.reduce, by
+// fasp_ext.ops.mirror_lower_). Its plain-torch twin: fasp_ext/reference.py gram_lower_update_.
 #include <torch/library.h>
 
 #include <climits>
@@ -68,8 +76,10 @@ cudaDataType_t cuda_dtype(at::ScalarType st) {
   }
 }
 
-// H (m x m, fp32, contiguous) += X2^T X2 for a row-major X2 (n x m, row stride ld).
-void gram_update(const at::Tensor& X2, int64_t n, int64_t m, int64_t ld, at::Tensor& H) {
+// H (m x m, fp32, contiguous) += X2^T X2 for a row-major X2 (n x m, row stride ld); with `lower`,
+// only the block lower triangle of H (see the file's comment), in (nb + 1) / (2 nb) of the flops
+// for nb block columns.
+void gram_update(const at::Tensor& X2, int64_t n, int64_t m, int64_t ld, at::Tensor& H, bool lower) {
   TORCH_CHECK(m <= INT_MAX && ld <= INT_MAX, "accumulate_stats: m too large for cuBLAS");
   // The pooled handle comes bound to the current stream with ATen's workspace. Re-binding only if
   // needed: cublasSetStream also resets the workspace to cuBLAS's default pool.
@@ -97,15 +107,24 @@ void gram_update(const at::Tensor& X2, int64_t n, int64_t m, int64_t ld, at::Ten
   const char* base = static_cast<const char*>(X2.const_data_ptr());
   // Column-major view: A = X2^T is (m x n) with lda = ld; H += A A^T (symmetric, so the storage
   // order of H does not matter). Rows are chunked so every cuBLAS dimension fits in an int.
+  // Row-major H is column-major H^T, so the row-major block column H[j0:, j0:j0+w] is the
+  // column-major (w x (m - j0)) block at H + j0 * (m + 1) with ld m:
+  // C[r, c] = H[j0 + c, j0 + r] += sum_k X[k, j0 + r] X[k, j0 + c] = A[j0:j0+w, :] A[j0:, :]^T.
+  const int64_t bs = lower ? gram_lower_block(m) : m;
+  float* h = H.data_ptr<float>();
   constexpr int64_t kChunk = int64_t(1) << 30;
   cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
   for (int64_t r0 = 0; r0 < n && status == CUBLAS_STATUS_SUCCESS; r0 += kChunk) {
     const int nk = static_cast<int>(std::min<int64_t>(kChunk, n - r0));
-    const void* A = base + static_cast<size_t>(r0) * ld * esize;
-    status = cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(m),
-                          static_cast<int>(m), nk, &alpha, A, dt, static_cast<int>(ld), A, dt,
-                          static_cast<int>(ld), &beta, H.data_ptr<float>(), CUDA_R_32F,
-                          static_cast<int>(m), compute, CUBLAS_GEMM_DEFAULT);
+    const char* A = base + static_cast<size_t>(r0) * ld * esize;
+    for (int64_t j0 = 0; j0 < m && status == CUBLAS_STATUS_SUCCESS; j0 += bs) {
+      const int w = static_cast<int>(std::min<int64_t>(bs, m - j0));
+      const void* Aj = A + static_cast<size_t>(j0) * esize;
+      status = cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, w, static_cast<int>(m - j0), nk,
+                            &alpha, Aj, dt, static_cast<int>(ld), Aj, dt, static_cast<int>(ld),
+                            &beta, h + j0 * (m + 1), CUDA_R_32F, static_cast<int>(m), compute,
+                            CUBLAS_GEMM_DEFAULT);
+    }
   }
   cublasSetMathMode(handle, old_mode);
   FASP_CUBLAS_CHECK(status);
@@ -160,13 +179,13 @@ void accumulate_stats_cuda(const at::Tensor& X, at::Tensor s, std::optional<at::
                     "accumulate_stats: X contains NaN or Inf (or values whose square overflows fp32)");
   if (H.has_value() && H->defined()) {
     at::Tensor h = *H;
-    gram_update(r.X2, r.n, r.m, r.ld, h);
+    gram_update(r.X2, r.n, r.m, r.ld, h, /*lower=*/false);
   }
 }
 
 // No host wait: NaN/Inf set `bad` instead of raising (see the file's comment).
-void accumulate_stats_deferred_cuda(const at::Tensor& X, at::Tensor s, std::optional<at::Tensor> H,
-                                    at::Tensor bad) {
+void deferred(const at::Tensor& X, at::Tensor& s, const std::optional<at::Tensor>& H, at::Tensor& bad,
+              bool lower) {
   check_args(X, s, H);
   TORCH_CHECK_VALUE(bad.scalar_type() == at::kInt && bad.numel() == 1 && bad.device() == X.device(),
                     "accumulate_stats: bad must be an int32 tensor of one element on ",
@@ -180,8 +199,18 @@ void accumulate_stats_deferred_cuda(const at::Tensor& X, at::Tensor s, std::opti
   if (!flag.is_same(bad)) bad.copy_(flag);
   if (H.has_value() && H->defined()) {
     at::Tensor h = *H;
-    gram_update(r.X2, r.n, r.m, r.ld, h);
+    gram_update(r.X2, r.n, r.m, r.ld, h, lower);
   }
+}
+
+void accumulate_stats_deferred_cuda(const at::Tensor& X, at::Tensor s, std::optional<at::Tensor> H,
+                                    at::Tensor bad) {
+  deferred(X, s, H, bad, /*lower=*/false);
+}
+
+// The deferred op with only H's block lower triangle updated (see the file's comment).
+void accumulate_stats_lower_cuda(const at::Tensor& X, at::Tensor s, at::Tensor H, at::Tensor bad) {
+  deferred(X, s, std::optional<at::Tensor>(H), bad, /*lower=*/true);
 }
 
 }  // namespace
@@ -192,9 +221,12 @@ void accumulate_stats_deferred_cuda(const at::Tensor& X, at::Tensor s, std::opti
 // Python wrapper (fasp_ext/ops.py) falls back to plain torch where this op is absent.
 TORCH_LIBRARY_FRAGMENT(fasp_ext, m) {
   m.def("accumulate_stats_deferred(Tensor X, Tensor(a!) s, Tensor(b!)? H, Tensor(c!) bad) -> ()");
+  // H's lower triangle only: the caller mirrors it once before use (fasp_ext.ops.mirror_lower_)
+  m.def("accumulate_stats_lower(Tensor X, Tensor(a!) s, Tensor(b!) H, Tensor(c!) bad) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fasp_ext, CUDA, m) {
   m.impl("accumulate_stats", &fasp_ext::cuda::accumulate_stats_cuda);
   m.impl("accumulate_stats_deferred", &fasp_ext::cuda::accumulate_stats_deferred_cuda);
+  m.impl("accumulate_stats_lower", &fasp_ext::cuda::accumulate_stats_lower_cuda);
 }
