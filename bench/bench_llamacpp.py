@@ -1,7 +1,7 @@
 """Speed of pruned SmolLM2-135M in llama.cpp (llama-cpp-python), dense versus pruned GGUF exports.
 
     python bench/bench_llamacpp.py [--sparsities 0.2 0.3] [--types f16 q8_0] [--rounds 7]
-        [--prompt 256] [--gen 128] [--threads 2] [--work DIR] [--out bench/results/llamacpp_cpu.md]
+        [--prompt 256] [--gen 128] [--threads 2] [--head 0.2] [--work DIR] [--out bench/results/llamacpp_cpu.md]
 
 Prepares (once, kept in --work): the dense SmolLM2 and, per sparsity, the fasp_ext result with the
 default settings (MLP widths rounded to 8: f16 only, q8_0 refuses them) and with --mlp-multiple 32
@@ -40,29 +40,32 @@ def sh(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def prepare(work: Path, sparsities, types, nsamples: int, seqlen: int) -> list[dict]:
-    """The GGUF files to time: [{name, sparsity, type, path}], built where missing."""
+def prepare(work: Path, sparsities, types, nsamples: int, seqlen: int, head: tuple = ()) -> list[dict]:
+    """The GGUF files to time: [{name, sparsity, type, path}], built where missing. ``head``: the
+    sparsities also pruned with ``--attn-unit head`` (whole kv-head groups: no padded value heads),
+    timed in f16."""
     from fasp_ext import models
 
     work.mkdir(parents=True, exist_ok=True)
     fasp = [sys.executable, "-m", "fasp_ext"]
     dense_dir = Path(models.smollm2_path())
     runs = []
-    for typ in types:
-        for s in [0.0, *sparsities]:
-            m32 = typ == "q8_0"
-            name = "dense" if s == 0 else f"fasp{int(round(s * 100))}" + ("-m32" if m32 else "")
-            src = dense_dir
-            if s:
-                src = work / name
-                if not (src / "config.json").is_file():
-                    sh([*fasp, "prune", "--model", "smollm2", "--calib", "austen:emma", "--sparsity", str(s),
-                        "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--quiet", "--out", str(src)]
-                       + (["--mlp-multiple", "32"] if m32 else []))
-            gg = work / f"{name}-{typ}.gguf"
-            if not gg.is_file():
-                sh([*fasp, "export", "--format", "gguf", "--model", str(src), "--out", str(gg), "--outtype", typ])
-            runs.append({"name": name, "sparsity": s, "type": typ, "path": str(gg)})
+    todo = [(typ, s, False) for typ in types for s in [0.0, *sparsities]] + [("f16", s, True) for s in head]
+    for typ, s, by_head in todo:
+        m32 = typ == "q8_0"
+        name = "dense" if s == 0 else f"fasp{int(round(s * 100))}" + ("-m32" if m32 else "") + \
+            ("-head" if by_head else "")
+        src = dense_dir
+        if s:
+            src = work / name
+            if not (src / "config.json").is_file():
+                sh([*fasp, "prune", "--model", "smollm2", "--calib", "austen:emma", "--sparsity", str(s),
+                    "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--quiet", "--out", str(src)]
+                   + (["--mlp-multiple", "32"] if m32 else []) + (["--attn-unit", "head"] if by_head else []))
+        gg = work / f"{name}-{typ}.gguf"
+        if not gg.is_file():
+            sh([*fasp, "export", "--format", "gguf", "--model", str(src), "--out", str(gg), "--outtype", typ])
+        runs.append({"name": name, "sparsity": s, "type": typ, "path": str(gg)})
     return runs
 
 
@@ -105,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=256, help="prefill tokens")
     ap.add_argument("--gen", type=int, default=128, help="decoded tokens per round")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--head", nargs="*", type=float, default=[0.2],
+                    help="sparsities also pruned with --attn-unit head (f16 rows; none: leave them out)")
     ap.add_argument("--nsamples", type=int, default=128, help="calibration windows of the pruning runs")
     ap.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (512 as in the quality results)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "fasp_ext" / "bench_llamacpp"),
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import llama_cpp
 
-    runs = prepare(Path(a.work), a.sparsities, a.types, a.nsamples, a.seqlen)
+    runs = prepare(Path(a.work), a.sparsities, a.types, a.nsamples, a.seqlen, tuple(a.head))
     for r in runs:
         r.update(bytes_per_token(r["path"]))
         r["prefill"], r["decode"] = [], []
@@ -141,7 +146,8 @@ def main(argv=None) -> int:
         f"{a.threads} threads, {os.cpu_count()} CPUs seen; {a.rounds} interleaved rounds, median [min-max].",
         "Pruned models: `fasp-ext prune --model smollm2 --calib austen:emma --sparsity S` (default settings; "
         "`-m32`: `--mlp-multiple 32`, needed by q8_0), exported with `fasp-ext export --format gguf` (arch deci, "
-        "per-layer MLP widths; value heads padded back to 64, so attention and KV cache are the dense ones).",
+        "per-layer MLP widths; value heads padded back to 64, so attention and KV cache are the dense ones; "
+        "`-head`: `--attn-unit head`, whole kv-head groups removed, per-layer head counts, no padding).",
         "Ideal decode speed-up: bytes read per token, dense / pruned (all tensors but the embedding's unread rows).",
         "",
         "| model | type | arch | MB read/token | prefill tok/s | decode tok/s | decode speed-up | ideal | measured/ideal |",

@@ -82,6 +82,10 @@ PRODUCED = {
     "gram_precision_tf32_smollm2": ("the screen's SmolLM2 tf32 rows, 20 and 30 %", "see gram_precision_screen.md"),
     "gram_precision_tf32_gemma3": ("the screen's Gemma3-270M tf32 rows, 20 and 30 % (bench/compare_rows.py)",
                                    "see gram_precision_screen.md"),
+    "llamacpp_cpu": ("SmolLM2 in llama.cpp: prefill and decode tokens/s of the dense and pruned GGUF exports "
+                     "(f16, q8_0, --attn-unit head), measured against the ideal memory-bound speed-up (issue 26)",
+                     "python bench/bench_llamacpp.py --rounds 7 --prompt 256 --gen 128 --threads 2 --head 0.2 "
+                     "(a venv with llama-cpp-python)"),
     "mlp_multiple_smollm2": ("what MLP widths in multiples of 32 (q8_0 GGUF) cost SmolLM2 at 20 % (docs/serving.md)",
                              "the fasp-ext compare command in docs/serving.md (fasp:mlp_multiple=32)"),
     "e2e_cpu_ab": ("CPU pruning time before and after the GPU-path changes, A/B on SmolLM2 (issue 28)",
