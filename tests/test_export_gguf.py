@@ -226,7 +226,7 @@ def test_tokenizer_carried_over(tmp_path, kind):
 # ----------------------------------------------------------------------------- pruned results
 @needs_llama
 def test_pruned_deci_matches_load_pruned(tmp_path, pruned_dir, tok):
-    rep = export_gguf(pruned_dir, tmp_path / "p.gguf", outtype="f32")
+    rep = export_gguf(pruned_dir, tmp_path / "p.gguf", outtype="f32", mlp_pad=1)  # the widths as stored
     meta = json.loads((pruned_dir / "config.json").read_text())["fasp_ext"]
     assert rep["arch"] == "deci" and rep["feed_forward_length"] == meta["mlp_width"]
     assert rep["value_heads_padded"] and rep["padded_value_channels"] == sum(2 * (16 - d) for d in meta["v_head_dim"])
@@ -239,6 +239,10 @@ def test_pruned_deci_matches_load_pruned(tmp_path, pruned_dir, tok):
     ids = ids_of(tok, 300)
     got, want = llama_logits(tmp_path / "p.gguf", ids), torch_logits(load_pruned(pruned_dir), ids)
     assert rel(got, want) < 1e-3, rel(got, want)
+    # the default export: MLP widths padded to multiples of 32 with zeros, the same logits
+    padded = export_gguf(pruned_dir, tmp_path / "p32.gguf", outtype="f32")
+    assert padded["feed_forward_length"] != meta["mlp_width"] and padded["mlp_stored"] == meta["mlp_width"]
+    assert rel(llama_logits(tmp_path / "p32.gguf", ids), want) < 1e-3
 
 
 @needs_llama
@@ -304,9 +308,41 @@ def test_q8_0_export(tmp_path, pruned32_dir, tok):
 
 def test_q8_0_refused_on_widths_not_multiple_of_32(tmp_path, pruned_dir):
     before = sorted(os.listdir(tmp_path))
-    with pytest.raises(UserError, match=r"--outtype q8_0: .*MLP widths .*--mlp-multiple 32"):
-        export_gguf(pruned_dir, tmp_path / "q.gguf", outtype="q8_0")
+    with pytest.raises(UserError, match=r"--outtype q8_0: .*MLP widths .*--mlp-pad 32 .*--mlp-multiple 32"):
+        export_gguf(pruned_dir, tmp_path / "q.gguf", outtype="q8_0", mlp_pad=1)  # padding off
     assert sorted(os.listdir(tmp_path)) == before
+    with pytest.raises(UserError, match=r"--mlp-pad: must be an integer >= 1"):
+        export_gguf(pruned_dir, tmp_path / "q.gguf", mlp_pad=0)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_mlp_widths_padded_to_32_with_zeros(tmp_path, pruned_dir):
+    """The default export pads each MLP to a multiple of 32: zero gate/up rows and down columns after
+    the stored ones, which are written unchanged (llama.cpp's logits on it: the llama tests above)."""
+    import gguf
+    from safetensors.torch import load_file
+
+    stored = {}
+    for f in pruned_dir.glob("*.safetensors"):
+        stored.update(load_file(str(f)))
+    r = export_gguf(pruned_dir, tmp_path / "p.gguf", outtype="f32")
+    unpadded = export_gguf(pruned_dir, tmp_path / "u.gguf", outtype="f32", mlp_pad=1)
+    assert r["mlp_stored"] == unpadded["feed_forward_length"] != r["feed_forward_length"]
+    assert all(w % 32 == 0 and 0 <= w - s < 32 for w, s in zip(r["feed_forward_length"], r["mlp_stored"]))
+    assert r["mlp_padded_neurons"] == sum(r["feed_forward_length"]) - sum(r["mlp_stored"]) > 0
+    data = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(tmp_path / "p.gguf")).tensors}
+    for i, (w, s) in enumerate(zip(r["feed_forward_length"], r["mlp_stored"])):
+        for name, hf in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj")):
+            t = data[f"blk.{i}.{name}.weight"]
+            assert t.shape[0] == w
+            np.testing.assert_array_equal(t[:s], stored[f"model.layers.{i}.mlp.{hf}.weight"].numpy())
+            assert not t[s:].any()
+        d = data[f"blk.{i}.ffn_down.weight"]
+        assert d.shape[1] == w
+        np.testing.assert_array_equal(d[:, :s], stored[f"model.layers.{i}.mlp.down_proj.weight"].numpy())
+        assert not d[:, s:].any()
+    q8 = export_gguf(pruned_dir, tmp_path / "q.gguf", outtype="q8_0")  # what padding makes exportable
+    assert q8["feed_forward_length"] == r["feed_forward_length"]
 
 
 # ----------------------------------------------------------------------------- kv-head groups pruned
@@ -450,8 +486,11 @@ def test_cli_export_and_errors(tmp_path, pruned_dir, capsys):
     err = capsys.readouterr().err
     assert err.startswith("fasp-ext: error: --out:") and err.count("\n") == 1
     assert cli.main(["export", "--model", str(pruned_dir), "--out", str(tmp_path / "q.gguf"), "--outtype",
-                     "q8_0"]) == 2
+                     "q8_0", "--mlp-pad", "1"]) == 2
     assert "--mlp-multiple 32" in capsys.readouterr().err and not (tmp_path / "q.gguf").exists()
+    assert cli.main(["export", "--model", str(pruned_dir), "--out", str(tmp_path / "q.gguf"), "--outtype",
+                     "q8_0"]) == 0  # padded to 32 by default
+    assert "MLP widths padded to multiples of 32" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- the real SmolLM2
