@@ -4,9 +4,9 @@
         [--prompt 256] [--gen 128] [--threads 2] [--head 0.2] [--work DIR] [--out bench/results/llamacpp_cpu.md]
 
 Prepares (once, kept in --work): the dense SmolLM2 and, per sparsity, the fasp_ext result with the
-default settings (MLP widths rounded to 8: f16 only, q8_0 refuses them) and with --mlp-multiple 32
-(for q8_0, whose rows are blocks of 32), each exported with ``fasp-ext export`` (deci with per-layer
-widths). Then measures every GGUF in interleaved rounds in one process (round 1: every model once,
+default settings (and with ``--attn-unit head`` for the ``--head`` sparsities), each exported with
+``fasp-ext export`` (deci with per-layer widths, padded to multiples of 32 with zeros: the export's
+default, which q8_0 needs). Then measures every GGUF in interleaved rounds in one process (round 1: every model once,
 round 2: every model again, ...), so drift of the machine hits every model alike:
 
 * prefill: tokens/s of one ``eval`` of --prompt tokens from an empty cache;
@@ -52,16 +52,14 @@ def prepare(work: Path, sparsities, types, nsamples: int, seqlen: int, head: tup
     runs = []
     todo = [(typ, s, False) for typ in types for s in [0.0, *sparsities]] + [("f16", s, True) for s in head]
     for typ, s, by_head in todo:
-        m32 = typ == "q8_0"
-        name = "dense" if s == 0 else f"fasp{int(round(s * 100))}" + ("-m32" if m32 else "") + \
-            ("-head" if by_head else "")
+        name = "dense" if s == 0 else f"fasp{int(round(s * 100))}" + ("-head" if by_head else "")
         src = dense_dir
         if s:
             src = work / name
             if not (src / "config.json").is_file():
                 sh([*fasp, "prune", "--model", "smollm2", "--calib", "austen:emma", "--sparsity", str(s),
                     "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--quiet", "--out", str(src)]
-                   + (["--mlp-multiple", "32"] if m32 else []) + (["--attn-unit", "head"] if by_head else []))
+                   + (["--attn-unit", "head"] if by_head else []))
         gg = work / f"{name}-{typ}.gguf"
         if not gg.is_file():
             sh([*fasp, "export", "--format", "gguf", "--model", str(src), "--out", str(gg), "--outtype", typ])
@@ -144,9 +142,9 @@ def main(argv=None) -> int:
         f"`python bench/bench_llamacpp.py --rounds {a.rounds} --prompt {a.prompt} --gen {a.gen} --threads {a.threads}"
         f" --nsamples {a.nsamples} --seqlen {a.seqlen}` with llama-cpp-python {llama_cpp.__version__}, "
         f"{a.threads} threads, {os.cpu_count()} CPUs seen; {a.rounds} interleaved rounds, median [min-max].",
-        "Pruned models: `fasp-ext prune --model smollm2 --calib austen:emma --sparsity S` (default settings; "
-        "`-m32`: `--mlp-multiple 32`, needed by q8_0), exported with `fasp-ext export --format gguf` (arch deci, "
-        "per-layer MLP widths; value heads padded back to 64, so attention and KV cache are the dense ones; "
+        "Pruned models: `fasp-ext prune --model smollm2 --calib austen:emma --sparsity S` (default settings), "
+        "exported with `fasp-ext export --format gguf` (arch deci, per-layer MLP widths padded to multiples of 32 "
+        "with zeros, the export's default; value heads padded back to 64, so attention and KV cache are the dense ones; "
         "`-head`: `--attn-unit head`, whole kv-head groups removed, per-layer head counts, no padding).",
         "Ideal decode speed-up: bytes read per token, dense / pruned (all tensors but the embedding's unread rows).",
         "",
